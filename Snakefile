@@ -1,0 +1,24 @@
+# zhlm: raw corpus -> cleaned, deduplicated, split text -> tokenizer -> token ids
+# (and, in later stages, pretrain -> SFT -> DPO -> eval). See README.md.
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+# A --configfile replaces the demo config instead of being merged into it.
+if not workflow.overwrite_configfiles:
+    configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tokenizer.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.binarize.output,
+        split_outputs(),

@@ -1,0 +1,1 @@
+"""Data stages: sources, the demo corpus, cleaning, dedup and the split."""

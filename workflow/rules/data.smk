@@ -1,0 +1,128 @@
+# Data stages: download -> parse -> clean (sharded) -> dedup -> split.
+
+
+rule download:
+    output:
+        "results/raw/{source}/{filename}",
+    params:
+        uri=lambda w: SOURCES[w.source]["uri"],
+        sha256=lambda w: SOURCES[w.source].get("sha256"),
+    log:
+        "results/logs/download/{source}/{filename}.log",
+    benchmark:
+        "results/benchmarks/download/{source}/{filename}.tsv"
+    retries: 2
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/download.py"
+
+
+rule parse:
+    input:
+        lambda w: raw_file(w.source),
+    output:
+        rows="results/parsed/{source}.parquet",
+        rejects="results/parsed/{source}.rejects.parquet",
+        stats="results/parsed/{source}.stats.json",
+    params:
+        kind=lambda w: SOURCES[w.source]["kind"],
+        format=lambda w: SOURCES[w.source]["format"],
+        templates=lambda w: templates(w.source),
+        id_template=lambda w: SOURCES[w.source].get("id"),
+        limit=lambda w: SOURCES[w.source].get("limit"),
+    log:
+        "results/logs/parse/{source}.log",
+    benchmark:
+        "results/benchmarks/parse/{source}.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/parse.py"
+
+
+rule clean_shard:
+    input:
+        "results/parsed/{source}.parquet",
+    output:
+        rows="results/clean/shards/{source}/{shard}.parquet",
+        rejects="results/clean/shards/{source}/{shard}.rejects.parquet",
+        stats="results/clean/shards/{source}/{shard}.stats.json",
+    params:
+        kind=lambda w: SOURCES[w.source]["kind"],
+        shards=lambda w: SOURCES[w.source]["shards"],
+        filters=lambda w: config["clean"][SOURCES[w.source]["kind"]],
+    log:
+        "results/logs/clean/{source}/{shard}.log",
+    benchmark:
+        "results/benchmarks/clean/{source}/{shard}.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/clean.py"
+
+
+rule gather_clean:
+    input:
+        rows=lambda w: clean_shards(w.source),
+        rejects=lambda w: [p.replace(".parquet", ".rejects.parquet") for p in clean_shards(w.source)],
+        stats=lambda w: [p.replace(".parquet", ".stats.json") for p in clean_shards(w.source)],
+    output:
+        rows="results/clean/{source}.parquet",
+        rejects="results/clean/{source}.rejects.parquet",
+        stats="results/clean/{source}.stats.json",
+    log:
+        "results/logs/gather_clean/{source}.log",
+    benchmark:
+        "results/benchmarks/gather_clean/{source}.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/gather_clean.py"
+
+
+rule dedup:
+    input:
+        lambda w: [f"results/clean/{s}.parquet" for s in sources_of(w.kind)],
+    output:
+        rows="results/dedup/{kind}.parquet",
+        removed="results/dedup/{kind}.removed.parquet",
+        stats="results/dedup/{kind}.stats.json",
+    params:
+        ngram=config["dedup"]["ngram"],
+        num_perm=config["dedup"]["num_perm"],
+        threshold=config["dedup"]["threshold"],
+    threads: config["dedup"]["threads"]
+    log:
+        "results/logs/dedup/{kind}.log",
+    benchmark:
+        "results/benchmarks/dedup/{kind}.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/dedup.py"
+
+
+# One split rule per kind present in the config, each writing that kind's splits.
+for split_kind in kinds():
+
+    rule:
+        name:
+            f"split_{split_kind}"
+        input:
+            f"results/dedup/{split_kind}.parquet",
+        output:
+            parts=expand(f"results/split/{split_kind}/{{name}}.parquet", name=SPLITS[split_kind]),
+            stats=f"results/split/{split_kind}/stats.json",
+        params:
+            kind=split_kind,
+            holdout=config["split"]["holdout"],
+            dpo_prompts=config["split"]["dpo_prompts"],
+        log:
+            f"results/logs/split/{split_kind}.log",
+        benchmark:
+            f"results/benchmarks/split/{split_kind}.tsv"
+        conda:
+            "../../envs/data.yaml"
+        script:
+            "../scripts/split.py"

@@ -1,0 +1,67 @@
+# Tokenizer: jieba word counts over the training text -> byte-level BPE -> token ids.
+
+
+def tokenizer_training_text():
+    """Every training split: the tokenizer never sees held-out text."""
+    return [f"results/split/{kind}/train.parquet" for kind in kinds()]
+
+
+rule count_words:
+    input:
+        tokenizer_training_text(),
+    output:
+        "results/tokenizer/word_counts.parquet",
+    params:
+        max_words=config["tokenizer"]["max_words"],
+    threads: config["tokenizer"]["threads"]
+    log:
+        "results/logs/tokenizer/count_words.log",
+    benchmark:
+        "results/benchmarks/tokenizer/count_words.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/count_words.py"
+
+
+rule build_tokenizer:
+    input:
+        "results/tokenizer/word_counts.parquet",
+    output:
+        tokenizer="results/tokenizer/tokenizer.json",
+        config="results/tokenizer/tokenizer_config.json",
+        special_tokens="results/tokenizer/special_tokens_map.json",
+        stats="results/tokenizer/stats.json",
+    params:
+        vocab_size=config["tokenizer"]["vocab_size"],
+        min_frequency=config["tokenizer"]["min_frequency"],
+        model_max_length=config["tokenizer"]["model_max_length"],
+    log:
+        "results/logs/tokenizer/build_tokenizer.log",
+    benchmark:
+        "results/benchmarks/tokenizer/build_tokenizer.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/build_tokenizer.py"
+
+
+rule binarize:
+    input:
+        train="results/split/pretrain/train.parquet",
+        val="results/split/pretrain/val.parquet",
+        tokenizer="results/tokenizer/tokenizer.json",
+    output:
+        train="results/tokens/train.bin",
+        val="results/tokens/val.bin",
+        meta="results/tokens/meta.json",
+    params:
+        batch_size=config["binarize"]["batch_size"],
+    log:
+        "results/logs/tokens/binarize.log",
+    benchmark:
+        "results/benchmarks/tokens/binarize.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/binarize.py"

@@ -1,0 +1,10 @@
+"""Encode the pretraining splits into uint16/uint32 token files and meta.json."""
+from zhlm.binarize import binarize
+from zhlm.io import setup_logging, write_json
+
+log = setup_logging(snakemake.log[0])
+meta = {split: binarize(snakemake.input[split], snakemake.input.tokenizer, snakemake.output[split],
+                        batch_size=snakemake.params.batch_size)
+        for split in ("train", "val")}
+write_json(meta, snakemake.output.meta)
+log.info("tokens: %s", {k: v["tokens"] for k, v in meta.items()})
