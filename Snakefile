@@ -13,6 +13,12 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+wildcard_constraints:
+    source="|".join(re.escape(name) for name in SOURCES),
+    kind="pretrain|sft|dpo",
+    shard=r"\d+",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenizer.smk"
 

@@ -1,4 +1,4 @@
-# Helpers shared by the rule files: which sources exist, and where their files go.
+# Helpers shared by the workflow files: which sources exist, and where their files go.
 import os
 import re
 from urllib.parse import urlparse
@@ -6,12 +6,6 @@ from urllib.parse import urlparse
 from zhlm.data.split import SPLITS
 
 SOURCES = config["sources"]
-
-
-wildcard_constraints:
-    source="|".join(re.escape(name) for name in SOURCES),
-    kind="pretrain|sft|dpo",
-    shard=r"\d+",
 
 
 def sources_of(kind):
@@ -44,3 +38,8 @@ def clean_shards(source):
 
 def split_outputs():
     return [f"results/split/{kind}/{name}.parquet" for kind in kinds() for name in SPLITS[kind]]
+
+
+def tokenizer_training_text():
+    """Every training split: the tokenizer never sees held-out text."""
+    return [f"results/split/{kind}/train.parquet" for kind in kinds()]

@@ -1,11 +1,6 @@
 # Tokenizer: jieba word counts over the training text -> byte-level BPE -> token ids.
 
 
-def tokenizer_training_text():
-    """Every training split: the tokenizer never sees held-out text."""
-    return [f"results/split/{kind}/train.parquet" for kind in kinds()]
-
-
 rule count_words:
     input:
         tokenizer_training_text(),

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import re
 from importlib import resources
 from typing import Iterator
+
+from zhlm.io import atomic_path
 
 DEMO_KINDS = {
     "news": "pretrain",
@@ -179,3 +182,12 @@ def build(name: str) -> list[dict]:
     if name not in _BUILDERS:
         raise ValueError(f"unknown demo dataset {name!r}; known: {', '.join(_BUILDERS)}")
     return _BUILDERS[name]()
+
+
+def write_jsonl(name: str, path) -> int:
+    """Write the demo dataset `name` as JSON lines (atomically); return its row count."""
+    rows = build(name)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(rows)

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zhlm import __version__
+from zhlm.data import demo
 from zhlm.io import sha256_file
 
 log = logging.getLogger("zhlm.fetch")
@@ -214,3 +215,11 @@ def _download_once(uri, url, part, headers, token, timeout, progress, desc) -> N
 def _retry_after(headers) -> float | None:
     value = (headers.get("Retry-After") or "").strip()
     return float(value) if value.isdigit() else None
+
+
+def download(uri: str, dest: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Bring one source to `dest`: fetch a URI, or write a `demo:NAME` dataset from the package files."""
+    if uri.startswith("demo:"):
+        demo.write_jsonl(uri.removeprefix("demo:"), dest)
+        return Path(dest)
+    return fetch(uri, dest, sha256)
