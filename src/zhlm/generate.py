@@ -1,0 +1,104 @@
+"""Batched sampling with a KV cache.
+
+Prompts of different lengths are left-padded; each row gets its own positions
+and a mask that hides its padding, so a prompt's answer does not depend on the
+other prompts in its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from zhlm.model import KVCache, LlamaModel
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row from the last-position logits (B, V)."""
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        # CTRL-style penalty on every token already in the row.
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked > 0, picked / sampling.repetition_penalty, picked * sampling.repetition_penalty)
+        logits = logits.scatter(1, seen, picked)
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always at least one).
+        drop = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def stream(model: LlamaModel, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
+           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step by step, until all rows stopped.
+
+    A row stops after one of `stop_ids` (which is yielded) or max_new_tokens;
+    rows that stopped keep yielding -1.
+    """
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    max_len = min(P + sampling.max_new_tokens, model.config.max_position_embeddings)
+    if P >= max_len:
+        raise ValueError(f"prompt of {P} tokens leaves no room in a context of {model.config.max_position_embeddings}")
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, device=device)
+        valid[i, P - len(p):] = True
+    positions = (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    # A padding query sees itself only, so no row of the mask is empty (that gives NaN).
+    mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, B, max_len, device, dtype)
+    logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, last_only=True)[:, -1]
+    stop = torch.tensor(list(stop_ids) or [-2], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    seen = ids.masked_fill(~valid[:, :P], 0) if sampling.repetition_penalty != 1.0 else None
+    last_pos = positions[:, -1]
+    for step in range(max_len - P):
+        token = next_tokens(logits, sampling, generator, seen)
+        token = token.masked_fill(done, -1)
+        yield token
+        done |= torch.isin(token, stop)
+        if done.all() or step == max_len - P - 1:
+            return
+        feed = token.clamp(min=0)[:, None]
+        if seen is not None:
+            seen = torch.cat([seen, feed], dim=1)
+        valid[:, P + step] = True
+        last_pos = last_pos + 1
+        logits = model(feed, positions=last_pos[:, None], mask=valid[:, None, None, :P + step + 1],
+                       cache=cache)[:, -1]
+
+
+def generate(model: LlamaModel, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """The new tokens of each prompt (a stop token, if reached, is not included)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for tokens in stream(model, prompts, sampling, stop_ids=stop_ids, generator=generator):
+        for i, t in enumerate(tokens.tolist()):
+            if finished[i] or t < 0:
+                continue
+            if t in stop_ids:
+                finished[i] = True
+            else:
+                out[i].append(t)
+    return out
