@@ -28,8 +28,9 @@ TARGET = "results/tokens/train.bin"
 
 
 def snakemake(workdir, *args):
+    # --configfile takes every argument after it, so it comes last.
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--cores", "2", "--configfile", str(workdir / "config.yaml"), *args]
+           "--cores", "2", *args, "--configfile", str(workdir / "config.yaml")]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from zhlm.io import atomic_path, write_json
+from zhlm.tokenizer.word_counts import count_words, load_word_counts
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = SPECIAL_TOKENS[0]
@@ -41,7 +42,7 @@ SPLIT_PATTERN = (
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -70,22 +71,38 @@ def pretoken_counts(word_counts: Mapping[str, int]) -> dict[str, int]:
     return dict(out)
 
 
-def _pairs(symbols: list[int]) -> collections.Counter:
-    return collections.Counter(zip(symbols, symbols[1:]))
+# Pairs of token ids are packed into one int, (a << ID_BITS) | b, and heap entries into
+# pair - count * 2**PAIR_BITS: plain ints take far less memory than tuples and compare
+# faster, and the heap order (highest count first, then smallest pair) stays the same.
+ID_BITS = 20
+PAIR_BITS = 2 * ID_BITS
+ID_MASK = (1 << ID_BITS) - 1
+PAIR_MASK = (1 << PAIR_BITS) - 1
 
 
-def _merge_word(symbols: list[int], a: int, b: int, new: int) -> list[int]:
-    """Replace non-overlapping (a, b) left to right, as the BPE model does when encoding."""
-    out = []
-    i, n = 0, len(symbols)
-    while i < n:
-        if i + 1 < n and symbols[i] == a and symbols[i + 1] == b:
-            out.append(new)
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return out
+def _merge_word(w: list[int], a: int, b: int, new: int, count: int, delta: dict[int, int]) -> bool:
+    """Merge (a, b) in place, left to right as the BPE model does when encoding.
+
+    Only the pairs next to a merge site change; their weighted changes go to `delta`
+    (changes to (a, b) itself are skipped: that pair is retired as a whole).
+    Returns whether anything merged.
+    """
+    merged = False
+    k = 0
+    while k < len(w) - 1:
+        if w[k] == a and w[k + 1] == b:
+            if k > 0:
+                left = w[k - 1] << ID_BITS
+                delta[left | a] -= count
+                delta[left | new] += count
+            if k + 2 < len(w):
+                right = w[k + 2]
+                delta[(b << ID_BITS) | right] -= count
+                delta[(new << ID_BITS) | right] += count
+            w[k:k + 2] = [new]
+            merged = True
+        k += 1
+    return merged
 
 
 def train_bpe(
@@ -100,8 +117,8 @@ def train_bpe(
     """
     byte_symbols = [bytes_to_unicode()[b] for b in range(256)]
     base = len(SPECIAL_TOKENS) + len(byte_symbols)
-    if vocab_size < base:
-        raise ValueError(f"vocab_size must be at least {base} (specials + 256 bytes)")
+    if not base <= vocab_size <= ID_MASK:
+        raise ValueError(f"vocab_size must be between {base} (specials + 256 bytes) and {ID_MASK}")
     tokens: list[str] = SPECIAL_TOKENS + byte_symbols  # id -> token string
     vocab = {t: i for i, t in enumerate(tokens)}
 
@@ -111,27 +128,32 @@ def train_bpe(
     counts = [c for _, c in pieces]
     del pieces
 
-    # Incremental state: pair -> weighted count, pair -> words holding it, and a max-heap.
-    pair_counts: collections.Counter = collections.Counter()
-    where: dict[tuple[int, int], set[int]] = collections.defaultdict(set)
+    # Incremental state: pair -> weighted count, pair -> words holding it, and a heap.
+    # `where` is cleaned lazily (lists may repeat a word or name one that lost the pair;
+    # merging such a word is a no-op), which is cheaper than exact sets.
+    pair_counts: dict[int, int] = collections.defaultdict(int)
+    where: dict[int, list[int]] = collections.defaultdict(list)
     for i, w in enumerate(words):
-        for pair, n in _pairs(w).items():
-            pair_counts[pair] += n * counts[i]
-            where[pair].add(i)
-    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
+        for x, y in zip(w, w[1:]):
+            pair = (x << ID_BITS) | y
+            pair_counts[pair] += counts[i]
+            where[pair].append(i)
+    heap = [pair - (c << PAIR_BITS) for pair, c in pair_counts.items()]
     heapq.heapify(heap)
 
     merges: list[tuple[str, str]] = []
     while len(vocab) < vocab_size and heap:
-        neg, a, b = heapq.heappop(heap)
-        current = pair_counts.get((a, b), 0)
-        if current != -neg:
+        entry = heapq.heappop(heap)
+        pair, count = entry & PAIR_MASK, -(entry >> PAIR_BITS)
+        current = pair_counts.get(pair, 0)
+        if current != count:
             # Stale entry: counts of existing pairs only fall, so re-queue with the true count.
             if current > 0:
-                heapq.heappush(heap, (-current, a, b))
+                heapq.heappush(heap, pair - (current << PAIR_BITS))
             continue
         if current < min_frequency:
             break
+        a, b = pair >> ID_BITS, pair & ID_MASK
         merged = tokens[a] + tokens[b]
         new = vocab.get(merged)  # the same string can arise from two different merges
         if new is None:
@@ -140,30 +162,26 @@ def train_bpe(
             vocab[merged] = new
         merges.append((tokens[a], tokens[b]))
 
-        delta: collections.Counter = collections.Counter()
-        for i in where.pop((a, b)):
-            old = words[i]
-            w = _merge_word(old, a, b, new)
-            before, after = _pairs(old), _pairs(w)
-            for pair, n in before.items():
-                delta[pair] -= n * counts[i]
-                if pair not in after:
-                    where[pair].discard(i)
-            for pair, n in after.items():
-                delta[pair] += n * counts[i]
-                where[pair].add(i)
-            words[i] = w
-        for pair, d in delta.items():
+        delta: dict[int, int] = collections.defaultdict(int)
+        for i in set(where.pop(pair)):
+            w = words[i]
+            if _merge_word(w, a, b, new, counts[i], delta):
+                for x, y in zip(w, w[1:]):
+                    if x == new or y == new:  # the only pairs this word did not hold before
+                        where[(x << ID_BITS) | y].append(i)
+        del pair_counts[pair]
+        delta.pop(pair, None)
+        for p, d in delta.items():
             if d == 0:
                 continue
-            c = pair_counts[pair] + d
+            c = pair_counts[p] + d
             if c > 0:
-                pair_counts[pair] = c
+                pair_counts[p] = c
             else:
-                del pair_counts[pair]
-                where.pop(pair, None)
+                del pair_counts[p]
+                where.pop(p, None)
             if d > 0:  # only pairs that grew need a fresh heap entry
-                heapq.heappush(heap, (-c, pair[0], pair[1]))
+                heapq.heappush(heap, p - (c << PAIR_BITS))
     return vocab, merges
 
 
@@ -205,8 +223,6 @@ def build_from_texts(
     chunk_size: int = 1000,
 ) -> tuple[Tokenizer, dict[str, int], dict]:
     """Count jieba words over `texts`, then train; returns (tokenizer, word_counts, stats)."""
-    from zhlm.tokenizer.word_counts import count_words
-
     t0 = time.perf_counter()
     counts = count_words(texts, processes=processes, max_words=max_words, chunk_size=chunk_size)
     count_seconds = time.perf_counter() - t0
@@ -214,6 +230,23 @@ def build_from_texts(
     stats["count_seconds"] = round(count_seconds, 3)
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return tok, counts, stats
+
+
+def build_from_counts_file(
+    counts_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int,
+    min_frequency: int = 2,
+    model_max_length: int = 2048,
+) -> dict:
+    """Train on a word_counts.parquet and write the tokenizer files into `out_dir`; returns stats."""
+    t0 = time.perf_counter()
+    tok, stats = build_from_counts(load_word_counts(counts_path), vocab_size, min_frequency=min_frequency)
+    save_tokenizer(tok, out_dir, model_max_length=model_max_length)
+    stats["model_max_length"] = model_max_length
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return stats
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, model_max_length: int = 2048) -> None:

@@ -12,8 +12,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,7 +40,8 @@ def _count_chunk(texts: Sequence[str]) -> collections.Counter:
     jieba = _init_jieba()
     counts: collections.Counter = collections.Counter()
     for text in texts:
-        counts.update(jieba.lcut(text))
+        if text:
+            counts.update(jieba.lcut(text))
     return counts
 
 
@@ -79,11 +79,16 @@ def count_words(
     if max_words < 1 or chunk_size < 1 or processes < 1:
         raise ValueError("max_words, chunk_size and processes must be >= 1")
     total: collections.Counter = collections.Counter()
+    merged_chunks = 0
 
     def merge(part: collections.Counter) -> None:
+        nonlocal merged_chunks
         total.update(part)
         if len(total) > 2 * max_words:
             prune(total, max_words)
+        merged_chunks += 1
+        if merged_chunks % 100 == 0:
+            log.info("counted %d texts: %d distinct words", merged_chunks * chunk_size, len(total))
 
     chunks = _chunks(texts, chunk_size)
     if processes == 1:
@@ -108,7 +113,7 @@ def count_words(
 
 def iter_parquet_texts(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
-    columns: str | Sequence[str],
+    columns: str | Sequence[str] = "text",
     *,
     batch_size: int = 4096,
 ) -> Iterator[str]:

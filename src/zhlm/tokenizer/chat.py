@@ -1,0 +1,61 @@
+"""ChatML conversations: the text the chat template renders, and its loss mask.
+
+`<|im_start|>{role}\n{content}<|im_end|>\n` per message. In training only the
+assistant's content and its `<|im_end|>` carry loss; the tokens are those of
+the whole rendered text, exactly as the model sees it when chatting.
+"""
+from __future__ import annotations
+
+import json
+
+from tokenizers import Tokenizer
+
+IM_START, IM_END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+
+def messages_of(row: dict) -> list[dict]:
+    """The conversation of an sft row: optional system, earlier turns, the prompt and the response."""
+    messages = []
+    if row.get("system"):
+        messages.append({"role": "system", "content": row["system"]})
+    if row.get("history"):
+        messages += json.loads(row["history"])
+    messages.append({"role": "user", "content": row["prompt"]})
+    if row.get("response") is not None:
+        messages.append({"role": "assistant", "content": row["response"]})
+    return messages
+
+
+def render(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The ChatML text, and the character spans that carry loss (assistant content + <|im_end|>)."""
+    text, spans = "", []
+    for m in messages:
+        if m["role"] not in ROLES:
+            raise ValueError(f"unknown role {m['role']!r}: one of {', '.join(ROLES)}")
+        text += f"{IM_START}{m['role']}\n"
+        start = len(text)
+        text += m["content"] + IM_END
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+        text += "\n"
+    if add_generation_prompt:
+        text += f"{IM_START}assistant\n"
+    return text, spans
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation and labels: the id where it carries loss, IGNORE elsewhere."""
+    text, spans = render(messages)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    labels = []
+    for token, (start, end) in zip(encoding.ids, encoding.offsets):
+        inside = any(s <= start and end <= e for s, e in spans)
+        labels.append(token if inside else IGNORE)
+    return encoding.ids, labels
+
+
+def encode_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ending with the assistant's turn opened, for generation."""
+    return tokenizer.encode(render(messages, add_generation_prompt=True)[0], add_special_tokens=False).ids

@@ -1,0 +1,273 @@
+"""One training loop for pretraining, SFT and DPO.
+
+A stage supplies a `data` object whose `global_batch(step)` returns the whole
+global batch of that step as a dict of tensors (so the data position is the
+step, and a resumed run sees exactly the batches an uninterrupted run sees),
+and a `loss_fn(model, batch) -> (loss_sum, count, metrics)`. The loop divides
+by the count of the whole global batch, so the gradient does not depend on
+how the batch is cut into micro-batches and processes.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from zhlm.io import atomic_path
+from zhlm.train import distributed
+
+log = logging.getLogger("zhlm.train")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch: int = 32          # sequences (or pairs) per optimizer step, over all processes
+    micro_batch: int = 8            # sequences per forward/backward on one process
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"        # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2     # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    dtype: str = "auto"             # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
+    compile: bool = False
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"unknown schedule {self.schedule!r}: cosine or wsd")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine to min_lr, or constant then a linear decay (wsd)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = cfg.steps - int(cfg.steps * cfg.decay_fraction)
+    if step < decay_start:
+        return cfg.lr
+    return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / max(1, cfg.steps - decay_start)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", distributed.local_rank())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """The matmul throughput this device reaches right now: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if time.perf_counter() - start > seconds:
+            break
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was written."""
+
+
+class _SignalFlag:
+    """Turns SIGTERM/SIGINT (SLURM preemption, Ctrl-C) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict]) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[dict]]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["history"]
+
+
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"]
+
+
+def write_log(history: list[dict], out_dir: Path) -> None:
+    """train_log.csv and loss.png (train and validation loss against step)."""
+    with atomic_path(out_dir / "train_log.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS + sorted({k for h in history for k in h} - set(LOG_FIELDS)))
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
+    val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(out_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out_dir / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, out_dir, ckpt_dir,
+          evaluate: Callable[[torch.nn.Module], dict] | None = None, flops_per_item: float = 0.0,
+          tokens_per_item: float = 0.0, progress: bool = True) -> list[dict]:
+    """Train `model` for cfg.steps, resuming from `ckpt_dir` if a checkpoint is there.
+
+    `flops_per_item` / `tokens_per_item` (per sequence of the global batch) feed
+    the tokens/s and MFU figures. Returns the log history. Raises StopRequested
+    after checkpointing when SIGTERM/SIGINT arrives.
+    """
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
+    rank, world = distributed.rank(), distributed.world_size()
+    device = next(model.parameters()).device
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch × processes "
+                         f"({cfg.micro_batch} × {world})")
+    optimizer = make_optimizer(model, cfg, device)
+    ckpt = ckpt_dir / "last.pt"
+    step, history = 0, []
+    if ckpt.exists():
+        step, history = load_checkpoint(ckpt, model, optimizer)
+        log.info("resumed from %s at step %d", ckpt, step)
+    amp = autocast_dtype(cfg, device)
+    peak = matmul_peak_flops(device, amp or torch.float32) if flops_per_item else 0.0
+    wrapped = distributed.wrap(model, device)
+    forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+    per_rank = cfg.global_batch // world
+    micro_steps = per_rank // cfg.micro_batch
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=out_dir.name, disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    with _SignalFlag() as stop:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = data.global_batch(step)
+            mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+            total = distributed.all_sum(float(data.count(mine)), device)
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, metrics = 0.0, {}
+            model.train()
+            for m in range(micro_steps):
+                micro = {k: v[m * cfg.micro_batch:(m + 1) * cfg.micro_batch].to(device) for k, v in mine.items()}
+                sync = m == micro_steps - 1
+                with distributed.no_sync(wrapped, not sync), autocast():
+                    part, _, part_metrics = loss_fn(forward_model, micro)
+                    # DDP averages gradients over processes; the loss is already normalised
+                    # by the global count, so scale it back to a sum.
+                    (part * world / total).backward()
+                loss_sum += part.item()
+                for k, v in part_metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + v
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = distributed.all_sum(loss_sum, device) / total
+            seconds = time.perf_counter() - t0
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_per_item * cfg.global_batch / seconds,
+                   "mfu": flops_per_item * cfg.global_batch / seconds / (peak * world) if peak else None}
+            row |= {k: distributed.all_sum(v, device) / total for k, v in metrics.items()}
+            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                row |= evaluate(model)
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mfu=f"{row['mfu']:.1%}" if row["mfu"] else "-")
+            # Every process stops at the same step if any of them got the signal.
+            stopping = distributed.all_sum(float(stop.signum is not None), device) > 0
+            if rank == 0 and (step % cfg.checkpoint_every == 0 or stopping):
+                save_checkpoint(ckpt, model, optimizer, step, history)
+                write_log(history, out_dir)
+            if stopping:
+                distributed.barrier()
+                bar.close()
+                raise StopRequested(f"stopped by a signal at step {step}; checkpoint in {ckpt}")
+    bar.close()
+    if rank == 0:
+        write_log(history, out_dir)
+    return history
