@@ -58,7 +58,7 @@ def sampled_texts(path: str, column: str, fraction: float):
     from zhlm.tokenizer.word_counts import iter_parquet_texts
 
     step = max(1, round(1 / fraction))
-    for i, text in enumerate(iter_parquet_texts(path, column)):
+    for i, text in enumerate(iter_parquet_texts(path, [column])):
         if i % step == 0:
             yield text
 
@@ -159,7 +159,7 @@ def chars_per_token(tokenizer_file: str, heldout: str, column: str) -> float:
     from zhlm.tokenizer.word_counts import iter_parquet_texts
 
     tok = Tokenizer.from_file(tokenizer_file)
-    texts = list(iter_parquet_texts(heldout, column))
+    texts = list(iter_parquet_texts(heldout, [column]))
     chars = sum(map(len, texts))
     tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
     return chars / tokens

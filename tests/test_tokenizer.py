@@ -151,7 +151,7 @@ def test_word_counts_parquet_round_trip(counts, tmp_path):
 
     texts = tmp_path / "texts.parquet"
     pq.write_table(pa.table({"text": ["一", None, "", "二三"], "other": ["x", "y", None, "z"]}), texts)
-    assert list(iter_parquet_texts(texts, "text")) == ["一", "二三"]
+    assert list(iter_parquet_texts(texts, ["text"])) == ["一", "二三"]
     both = iter_parquet_texts([texts], ["text", "other"], batch_size=2)
     assert list(both) == ["一", "x", "y", "二三", "z"]
 

@@ -113,19 +113,18 @@ def count_words(
 
 def iter_parquet_texts(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
-    columns: str | Sequence[str] = "text",
+    columns: Sequence[str] = ("text", "prompt", "response", "chosen", "rejected"),
     *,
     batch_size: int = 4096,
 ) -> Iterator[str]:
-    """Yield the non-empty strings of `columns` from parquet files, one batch in memory at a time."""
+    """Yield the non-empty strings of those `columns` each parquet file has, one batch in memory at a time."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    if isinstance(columns, str):
-        columns = [columns]
     for path in paths:
         pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
-            for name in columns:
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=batch_size, columns=present):
+            for name in present:
                 for text in batch.column(name).to_pylist():
                     if text:
                         yield text
