@@ -33,7 +33,7 @@ def binarize(parquet_path: str | os.PathLike, tokenizer_file: str | os.PathLike,
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     source = pq.ParquetFile(parquet_path)
-    tokens = documents = 0
+    tokens = documents = characters = 0
     with atomic_path(out_bin) as tmp, open(tmp, "wb") as out, \
             tqdm(total=source.metadata.num_rows, unit="doc", desc=f"binarize {Path(out_bin).name}",
                  disable=not progress) as bar:
@@ -46,8 +46,10 @@ def binarize(parquet_path: str | os.PathLike, tokenizer_file: str | os.PathLike,
                 chunk.tofile(out)
                 tokens += chunk.size
             documents += len(texts)
+            characters += sum(map(len, texts)) + len(texts)
             bar.update(batch.num_rows)
-    return {"file": Path(out_bin).name, "tokens": tokens, "documents": documents,
+    # characters counts one per document for its <|endoftext|>, the unit of bits per character.
+    return {"file": Path(out_bin).name, "tokens": tokens, "documents": documents, "characters": characters,
             "dtype": dtype.name, "vocab_size": vocab_size, "eot_id": eot,
             "tokenizer_sha256": sha256_file(tokenizer_file)}
 

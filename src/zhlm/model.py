@@ -255,3 +255,21 @@ def load_model(model_dir: str | os.PathLike, device="cpu") -> LlamaModel:
     if set(missing) - allowed or unexpected:
         raise ValueError(f"{model_dir}: missing weights {missing}, unexpected {unexpected}")
     return model.to(device)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_pretrained(model: LlamaModel, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+                    *, eos_token_ids: list[int], max_new_tokens: int = 256) -> None:
+    """A complete Hugging Face model folder: weights, config, generation config, tokenizer files."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    save_model(model, out_dir)
+    write_json({"bos_token_id": model.config.bos_token_id, "eos_token_id": eos_token_ids,
+                "pad_token_id": model.config.pad_token_id, "do_sample": False,
+                "max_new_tokens": max_new_tokens}, out_dir / "generation_config.json")
+    for name in TOKENIZER_FILES:
+        with atomic_path(out_dir / name) as tmp:
+            shutil.copyfile(Path(tokenizer_dir) / name, tmp)

@@ -28,7 +28,8 @@ def raw_file(source):
 
 def templates(source):
     """The field templates a source declares (only those it sets)."""
-    fields = ("text", "prompt", "response", "system", "history", "chosen", "rejected")
+    fields = ("text", "prompt", "response", "system", "history", "chosen", "rejected",
+              "question", "A", "B", "C", "D", "answer")
     return {f: SOURCES[source][f] for f in fields if f in SOURCES[source]}
 
 

@@ -32,6 +32,7 @@ DEMO_KINDS = {
     "idiom_tasks": "sft",
     "polarity": "sft",
     "segmentation": "sft",
+    "idiom_choice": "choice",
 }
 
 _SENTENCE_END = re.compile(r"(?<=[。！？])")
@@ -191,3 +192,31 @@ def write_jsonl(name: str, path) -> int:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(rows)
+
+
+def idiom_choice() -> list[dict]:
+    """C-Eval-format questions: which of four explanations is the idiom's meaning.
+
+    The three distractors are explanations of other idioms and the place of the
+    right one is drawn from a generator seeded by the idiom, so the set is the
+    same on every build. The id ties each question to its idiom for the split.
+    """
+    import random
+
+    entries = [(r["word"], r["explanation"]) for r in _idiom_rows() if r["explanation"]]
+    explanations = [e for _, e in entries]
+    rows = []
+    for word, explanation in entries:
+        rng = random.Random(hashlib.sha1(word.encode("utf-8")).digest())
+        options = [explanation]
+        while len(options) < 4:
+            candidate = explanations[rng.randrange(len(explanations))]
+            if candidate not in options:  # distinct options, none equal to the answer
+                options.append(candidate)
+        rng.shuffle(options)
+        rows.append({"id": f"idiom:{word}#choice", "question": f"成语“{word}”的意思是？",
+                     **dict(zip("ABCD", options)), "answer": "ABCD"[options.index(explanation)]})
+    return rows
+
+
+_BUILDERS["idiom_choice"] = idiom_choice

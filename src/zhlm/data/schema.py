@@ -12,6 +12,8 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("text",),
     "sft": ("prompt", "response"),
     "dpo": ("prompt", "chosen", "rejected"),
+    # C-Eval / CMMLU-format multiple choice, for eval only: never split or trained on.
+    "choice": ("question", "A", "B", "C", "D", "answer"),
 }
 # Optional fields an sft row may carry: a system prompt, and earlier turns as
 # alternating user/assistant messages, JSON-encoded (a list of {"role", "content"}).

@@ -47,15 +47,26 @@ def render(messages: list[dict], add_generation_prompt: bool = False) -> tuple[s
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of the conversation and labels: the id where it carries loss, IGNORE elsewhere."""
-    text, spans = render(messages)
-    encoding = tokenizer.encode(text, add_special_tokens=False)
-    labels = []
-    for token, (start, end) in zip(encoding.ids, encoding.offsets):
-        inside = any(s <= start and end <= e for s, e in spans)
-        labels.append(token if inside else IGNORE)
-    return encoding.ids, labels
+    return encode_chats(tokenizer, [messages])[0]
+
+
+def encode_chats(tokenizer: Tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """encode_chat for many conversations at once, through the tokenizer's parallel batch encoder."""
+    rendered = [render(messages) for messages in conversations]
+    encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    out = []
+    for (_, spans), encoding in zip(rendered, encodings):
+        labels = [token if any(s <= start and end <= e for s, e in spans) else IGNORE
+                  for token, (start, end) in zip(encoding.ids, encoding.offsets)]
+        out.append((encoding.ids, labels))
+    return out
 
 
 def encode_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation ending with the assistant's turn opened, for generation."""
     return tokenizer.encode(render(messages, add_generation_prompt=True)[0], add_special_tokens=False).ids
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The tokens that end an assistant turn: <|im_end|>, and <|endoftext|> as a fallback."""
+    return [tokenizer.token_to_id(IM_END), tokenizer.token_to_id(EOT)]

@@ -1,11 +1,22 @@
 """DPO: preference pairs against a frozen reference whose log-probabilities are computed once."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
-from zhlm.tokenizer.chat import IGNORE
-from zhlm.train.sft import pad_batch
+from zhlm.io import read_parquets
+from zhlm.model import load_model, save_pretrained
+from zhlm.tokenizer.chat import IGNORE, chat_stop_ids, encode_chats, messages_of
+from zhlm.train import distributed
+from zhlm.train.loop import finish, start, train
+from zhlm.train.sft import Examples, pad_batch
+
+log = logging.getLogger("zhlm.dpo")
 
 
 def sequence_logp(model, input_ids, labels) -> torch.Tensor:
@@ -38,6 +49,7 @@ def make_dpo_loss(beta: float):
         rejected = sequence_logp(model, batch["rejected_ids"], batch["rejected_labels"])
         losses, margin = dpo_losses(chosen, rejected, batch["ref_chosen"].to(chosen.dtype),
                                     batch["ref_rejected"].to(chosen.dtype), beta)
+        margin = margin.detach()
         metrics = {"reward_accuracy": float((margin > 0).sum()), "reward_margin": float(margin.sum())}
         return losses.sum(), len(losses), metrics
     return loss_fn
@@ -56,3 +68,72 @@ def reference_logps(model, pairs_encoded, pad_id: int, batch_size: int = 16) -> 
         lr = sequence_logp(model, r["input_ids"], r["labels"]).tolist()
         out.extend(zip(lc, lr))
     return out
+
+
+def encode_pairs(tokenizer, rows: list[dict], max_len: int) -> list[tuple]:
+    """((chosen ids, labels), (rejected ids, labels)) of each pair, as ChatML conversations cut to max_len."""
+    def conversations(answer_field):
+        return [messages_of({**row, "response": row[answer_field]}) for row in rows]
+
+    chosen = encode_chats(tokenizer, conversations("chosen"))
+    rejected = encode_chats(tokenizer, conversations("rejected"))
+    return [((c[0][:max_len], c[1][:max_len]), (r[0][:max_len], r[1][:max_len])) for c, r in zip(chosen, rejected)]
+
+
+@torch.no_grad()
+def reward_metrics(policy, items, beta: float, pad_id: int, batch_size: int = 16) -> dict:
+    """Reward accuracy and mean margin of the implicit DPO reward on (encoded pair, ref_c, ref_r) items."""
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    correct, margin_sum = 0, 0.0
+    for i in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(items[i:i + batch_size], pad_id).items()}
+        c = sequence_logp(policy, batch["chosen_ids"], batch["chosen_labels"]).double()
+        r = sequence_logp(policy, batch["rejected_ids"], batch["rejected_labels"]).double()
+        _, margin = dpo_losses(c, r, batch["ref_chosen"], batch["ref_rejected"], beta)
+        correct += int((margin > 0).sum())
+        margin_sum += float(margin.sum())
+    policy.train(was_training)
+    n = max(1, len(items))
+    return {"val_reward_accuracy": correct / n, "val_reward_margin": margin_sum / n}
+
+
+def run(sft_dir, tokenizer_dir, pair_files: list, out_dir, ckpt_dir, *, settings: dict,
+        progress: bool = True) -> list[dict]:
+    """DPO from the SFT model against itself, frozen, as the reference; write a HF folder to out_dir.
+
+    pair_files: parquet files of (id, prompt, chosen, rejected[, split]); rows with split == "eval"
+    are held out and scored. settings: TrainConfig fields plus beta and seq_len.
+    """
+    sft_dir = Path(sft_dir)
+    cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", *pair_files])
+    policy = load_model(sft_dir, device)
+    reference = load_model(sft_dir, device).eval().requires_grad_(False)
+    tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    rows = read_parquets(pair_files).to_pylist()
+    train_rows = [r for r in rows if r.get("split") != "eval"]
+    eval_rows = [r for r in rows if r.get("split") == "eval"]
+    pad, beta, max_len = policy.config.pad_token_id, settings["beta"], settings["seq_len"] + 1
+
+    def with_reference(pair_rows):
+        encoded = encode_pairs(tokenizer, pair_rows, max_len)
+        refs = reference_logps(reference, encoded, pad)
+        return [(c, r, rc, rr) for (c, r), (rc, rr) in zip(encoded, refs)]
+
+    items, eval_items = with_reference(train_rows), with_reference(eval_rows)
+    del reference
+    log.info("%d training pairs, %d held-out pairs", len(items), len(eval_items))
+    mean_len = float(np.mean([len(c[0]) + len(r[0]) - 2 for c, r, _, _ in items]))
+    data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
+                    count=lambda b: len(b["ref_chosen"]))
+    history = train(policy, data, make_dpo_loss(beta), cfg, out_dir=out_dir, ckpt_dir=ckpt_dir,
+                    fingerprint=fingerprint,
+                    evaluate=(lambda m: reward_metrics(m, eval_items, beta, pad)) if eval_items else None,
+                    flops_per_item=policy.flops_per_token(int(mean_len / 2)) * mean_len,
+                    tokens_per_item=mean_len, progress=progress)
+    if distributed.rank() == 0:
+        save_pretrained(policy, out_dir, tokenizer_dir, eos_token_ids=chat_stop_ids(tokenizer))
+    finish(ckpt_dir)
+    distributed.shutdown()
+    return history

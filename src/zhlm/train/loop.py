@@ -10,8 +10,10 @@ how the batch is cut into micro-batches and processes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -87,21 +89,22 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    """The matmul throughput this device reaches right now: the denominator of MFU."""
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, trials: int = 5) -> float:
+    """The best matmul throughput of a few short trials on this device: the denominator of MFU."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    count, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        count += 1
+    a @ b
+    best = 0.0
+    for _ in range(trials):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if time.perf_counter() - start > seconds:
-            break
-    return 2 * n**3 * count / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    return best
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -110,6 +113,26 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
+
+
+def start(settings: dict, inputs: list) -> tuple[TrainConfig, torch.device, str]:
+    """Join torchrun's process group, seed every RNG, pick the device, and name the run.
+
+    `settings` holds the TrainConfig fields and may hold stage options besides;
+    the fingerprint covers all of them and the inputs' sizes and mtimes.
+    """
+    import hashlib
+    import json
+
+    distributed.init()
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in names})
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    stamp = [(str(p), os.path.getsize(p), os.path.getmtime(p)) for p in inputs]
+    fingerprint = hashlib.sha256(json.dumps([settings, stamp], sort_keys=True, default=str).encode()).hexdigest()
+    return cfg, pick_device(cfg.device), fingerprint
 
 
 class StopRequested(Exception):
@@ -134,9 +157,10 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict]) -> None:
+def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict], fingerprint: str) -> None:
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,
+        "fingerprint": fingerprint,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
@@ -144,8 +168,11 @@ def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict]
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[dict]]:
+def load_checkpoint(path: Path, model, optimizer, fingerprint: str) -> tuple[int, list[dict]]:
+    """Restore model, optimizer and RNG states; (0, []) if the checkpoint is another run's."""
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        return 0, []
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -188,13 +215,14 @@ def write_log(history: list[dict], out_dir: Path) -> None:
 
 
 def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, out_dir, ckpt_dir,
-          evaluate: Callable[[torch.nn.Module], dict] | None = None, flops_per_item: float = 0.0,
-          tokens_per_item: float = 0.0, progress: bool = True) -> list[dict]:
-    """Train `model` for cfg.steps, resuming from `ckpt_dir` if a checkpoint is there.
+          fingerprint: str = "", evaluate: Callable[[torch.nn.Module], dict] | None = None,
+          flops_per_item: float = 0.0, tokens_per_item: float = 0.0, progress: bool = True) -> list[dict]:
+    """Train `model` for cfg.steps, resuming from `ckpt_dir` if a checkpoint of the same run is there.
 
-    `flops_per_item` / `tokens_per_item` (per sequence of the global batch) feed
-    the tokens/s and MFU figures. Returns the log history. Raises StopRequested
-    after checkpointing when SIGTERM/SIGINT arrives.
+    `fingerprint` names the run (its settings and inputs): a checkpoint left by a
+    different run is ignored. `flops_per_item` / `tokens_per_item` (per sequence
+    of the global batch) feed the tokens/s and MFU figures. Returns the log
+    history. Raises StopRequested after checkpointing when SIGTERM/SIGINT arrives.
     """
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     rank, world = distributed.rank(), distributed.world_size()
@@ -206,8 +234,11 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
     ckpt = ckpt_dir / "last.pt"
     step, history = 0, []
     if ckpt.exists():
-        step, history = load_checkpoint(ckpt, model, optimizer)
-        log.info("resumed from %s at step %d", ckpt, step)
+        step, history = load_checkpoint(ckpt, model, optimizer, fingerprint)
+        if step:
+            log.info("resumed from %s at step %d", ckpt, step)
+        else:
+            log.info("ignoring %s: it was written by a run with other settings or inputs", ckpt)
     amp = autocast_dtype(cfg, device)
     peak = matmul_peak_flops(device, amp or torch.float32) if flops_per_item else 0.0
     wrapped = distributed.wrap(model, device)
@@ -261,7 +292,7 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
             # Every process stops at the same step if any of them got the signal.
             stopping = distributed.all_sum(float(stop.signum is not None), device) > 0
             if rank == 0 and (step % cfg.checkpoint_every == 0 or stopping):
-                save_checkpoint(ckpt, model, optimizer, step, history)
+                save_checkpoint(ckpt, model, optimizer, step, history, fingerprint)
                 write_log(history, out_dir)
             if stopping:
                 distributed.barrier()
@@ -271,3 +302,10 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
     if rank == 0:
         write_log(history, out_dir)
     return history
+
+
+def finish(ckpt_dir) -> None:
+    """Remove the checkpoint once the stage's final files are written."""
+    ckpt = Path(ckpt_dir) / "last.pt"
+    if distributed.rank() == 0 and ckpt.exists():
+        ckpt.unlink()

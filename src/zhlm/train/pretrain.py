@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from zhlm.io import read_json
+from zhlm.model import LlamaModel, ModelConfig, save_pretrained
+from zhlm.train import distributed
+from zhlm.train.loop import finish, start, train
 
 IGNORE = -100
 
@@ -19,11 +25,11 @@ class TokenWindows:
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
         if tokens.size < seq_len + 2:
             raise ValueError(f"{tokens.size} tokens are too few for windows of {seq_len}")
-        self.tokens, self.seq_len, self.global_batch, self.seed = tokens, seq_len, global_batch, seed
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, global_batch, seed
 
     def global_batch(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.global_batch)
+        starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.batch_size)
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         rows = torch.from_numpy(rows)
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
@@ -77,3 +83,41 @@ def stream_nats(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, ma
 
 def bits_per_character(nats: float, characters: int) -> float:
     return nats / math.log(2) / characters
+
+
+def run(tokens_dir, tokenizer_dir, out_dir, ckpt_dir, *, model_settings: dict, settings: dict,
+        progress: bool = True) -> list[dict]:
+    """Pretrain a fresh decoder on tokens_dir/{train,val}.bin; write a HF model folder to out_dir.
+
+    settings: TrainConfig fields plus seq_len and eval_windows (validation windows per evaluation).
+    """
+    tokens_dir = Path(tokens_dir)
+    cfg, device, fingerprint = start({**settings, "model": model_settings},
+                                     [tokens_dir / "train.bin", tokens_dir / "meta.json"])
+    meta = read_json(tokens_dir / "meta.json")
+    seq_len = settings["seq_len"]
+    train_tokens = np.memmap(tokens_dir / "train.bin", dtype=meta["train"]["dtype"], mode="r")
+    val_tokens = np.memmap(tokens_dir / "val.bin", dtype=meta["val"]["dtype"], mode="r")
+    config = ModelConfig(vocab_size=meta["train"]["vocab_size"], max_position_embeddings=seq_len,
+                         bos_token_id=meta["train"]["eot_id"], eos_token_id=meta["train"]["eot_id"],
+                         pad_token_id=meta["train"]["eot_id"], **model_settings)
+    model = LlamaModel(config).to(device)
+    # Validation bits per character: the val set's characters per token converts nats per token.
+    chars_per_token = meta["val"].get("characters", 0) / max(1, meta["val"]["tokens"])
+
+    def evaluate(m):
+        nats, n = stream_nats(m, val_tokens, seq_len, max_windows=settings.get("eval_windows", 32))
+        row = {"val_loss": nats / n}
+        if chars_per_token:
+            row["val_bpc"] = nats / n / math.log(2) / chars_per_token
+        return row
+
+    history = train(model, TokenWindows(train_tokens, seq_len, cfg.global_batch, cfg.seed), lm_loss, cfg,
+                    out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint, evaluate=evaluate,
+                    flops_per_item=model.flops_per_token(seq_len) * seq_len, tokens_per_item=seq_len,
+                    progress=progress)
+    if distributed.rank() == 0:
+        save_pretrained(model, out_dir, tokenizer_dir, eos_token_ids=[config.eos_token_id])
+    finish(ckpt_dir)
+    distributed.shutdown()
+    return history

@@ -1,0 +1,87 @@
+"""Answer metrics: exact match, character F1, word segmentation F1, polarity labels.
+
+Chinese answers have no natural word boundaries, so overlap is counted over
+characters (as in CMRC / DuReader), not over whitespace tokens.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import unicodedata
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_answer(text: str) -> str:
+    """NFKC (full-width → half-width), strip, collapse whitespace to one space, lowercase."""
+    text = unicodedata.normalize("NFKC", text or "")
+    return _SPACES.sub(" ", text.strip()).lower()
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(normalize_answer(pred) == normalize_answer(ref))
+
+
+def _content_chars(text: str) -> list[str]:
+    """Characters of the normalised text, without whitespace and punctuation."""
+    return [c for c in normalize_answer(text)
+            if not c.isspace() and not unicodedata.category(c).startswith("P")]
+
+
+def char_f1(pred: str, ref: str) -> float:
+    """F1 of the multiset overlap of characters (whitespace and punctuation ignored).
+
+    Two answers with no content characters match (1.0); one empty side scores 0.
+    """
+    p, r = _content_chars(pred), _content_chars(ref)
+    if not p or not r:
+        return float(p == r)
+    common = sum((collections.Counter(p) & collections.Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def word_spans(segmented: str) -> set[tuple[int, int, str]]:
+    """(start, end, word) of each whitespace-separated word, offsets in the space-free string."""
+    spans, start = set(), 0
+    for word in normalize_answer(segmented).split():
+        spans.add((start, start + len(word), word))
+        start += len(word)
+    return spans
+
+
+def segmentation_counts(pred: str, gold: str) -> tuple[int, int, int]:
+    """(correct words, predicted words, gold words), for micro-averaging over sentences.
+
+    A predicted word is correct when the same word occupies the same character
+    offsets of the space-free gold string. Offsets are taken over each side's own
+    characters: if the model changed, dropped or added characters, the words after
+    the change are shifted and count as wrong, and a word whose characters differ
+    never counts, even at the right offsets.
+    """
+    p, g = word_spans(pred), word_spans(gold)
+    return len(p & g), len(p), len(g)
+
+
+def prf(correct: int, predicted: int, gold: int) -> tuple[float, float, float]:
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / gold if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def segmentation_f1(pred: str, gold: str) -> tuple[float, float, float]:
+    """(precision, recall, F1) of the predicted words of one sentence (see segmentation_counts)."""
+    return prf(*segmentation_counts(pred, gold))
+
+
+POLARITY_LABELS = ("正面", "负面")
+
+
+def polarity_label(text: str) -> str | None:
+    """The first of 正面 / 负面 in the answer, or None when it has neither."""
+    text = normalize_answer(text)
+    found = [(text.find(label), label) for label in POLARITY_LABELS if label in text]
+    return min(found)[1] if found else None

@@ -1,0 +1,130 @@
+"""Evaluate one stage's model: everything that applies to it, as one JSON-able dict.
+
+pretrain: bits per character only (a base model does not follow prompts).
+sft, dpo: bits per character, held-out task metrics, preference accuracy,
+multiple choice, and sample answers to a fixed set of prompts.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from zhlm.eval.bpc import bits_per_character, unigram_bpc
+from zhlm.eval.choice import choice_accuracy
+from zhlm.eval.preference import preference_accuracy
+from zhlm.eval.tasks import answer_prompts, evaluate_tasks, select_rows
+from zhlm.model import load_model
+
+SAMPLE_PROMPTS = (
+    "你好，请介绍一下你自己。",
+    "中国的首都是哪里？",
+    "请用一句话解释什么是人工智能。",
+    "写一首关于春天的短诗。",
+    "“画蛇添足”是什么意思？",
+    "推荐三本值得一读的书，并简单说明理由。",
+)
+
+DEFAULT_SETTINGS = {
+    "max_task_items": 50,      # per task
+    "max_bpc_chars": 200_000,
+    "max_pairs": 200,
+    "max_choice": 200,         # per choice set
+    "max_new_tokens": 64,
+    "sample_max_new_tokens": 128,
+    "samples_per_task": 1,
+    "batch_size": 8,
+    "device": "cpu",
+}
+
+
+def _first(rows: list[dict] | None, limit: int | None) -> list[dict]:
+    """A deterministic subset: rows sorted by id, the first `limit` of them."""
+    return sorted(rows or [], key=lambda r: r["id"])[:limit]
+
+
+def _text_budget(texts: list[str], max_chars: int | None) -> list[str]:
+    """Whole texts, in an order fixed by a hash of each text, up to `max_chars` characters.
+
+    Hash order mixes the sources, which sit in blocks in the file; it always keeps one text.
+    """
+    texts = [t for t in texts if t]
+    if max_chars is None:
+        return texts
+    texts = sorted(texts, key=lambda t: hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest())
+    out, chars = [], 0
+    for text in texts:
+        if out and chars + len(text) > max_chars:
+            break
+        out.append(text)
+        chars += len(text)
+    return out
+
+
+def sample_answers(model, tokenizer: Tokenizer, task_rows: list[dict] | None, *, per_task: int = 1,
+                   max_new_tokens: int = 128, batch_size: int = 8) -> list[dict]:
+    """Answers to the fixed prompts, and to the first `per_task` held-out rows of each task."""
+    samples = [{"prompt": p, "task": None, "reference": None} for p in SAMPLE_PROMPTS]
+    for task, rows in select_rows(task_rows or [], per_task).items():
+        samples += [{"prompt": r["prompt"], "task": task, "reference": r["response"]} for r in rows]
+    answers = answer_prompts(model, tokenizer, [[{"role": "user", "content": s["prompt"]}] for s in samples],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [{**s, "answer": a} for s, a in zip(samples, answers)]
+
+
+def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[str],
+                   train_texts_for_baseline: list[str] | None = None, task_rows: list[dict] | None = None,
+                   pairs: list[dict] | None = None, choice_sets: dict[str, list[dict]] | None = None,
+                   seq_len: int, settings: dict | None = None,
+                   tokenizer_path: str | os.PathLike | None = None) -> dict:
+    """Run every evaluation that applies to `stage` on the model in `model_dir`.
+
+    The tokenizer is `model_dir/tokenizer.json` unless `tokenizer_path` (a file
+    or a folder) says otherwise. `settings` overrides DEFAULT_SETTINGS; limits of
+    None mean everything.
+    """
+    s = {**DEFAULT_SETTINGS, **(settings or {})}
+    model_dir = Path(model_dir)
+    tokenizer_file = Path(tokenizer_path) if tokenizer_path else model_dir
+    if tokenizer_file.is_dir():
+        tokenizer_file = tokenizer_file / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    model = load_model(model_dir, device=s["device"]).eval()
+    bs = s["batch_size"]
+    result: dict = {"stage": stage, "model_dir": str(model_dir),
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "settings": s, "seq_len": seq_len, "seconds": {}}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        result["seconds"][name] = round(time.perf_counter() - t0, 2)
+        return value
+
+    texts = _text_budget(val_texts, s["max_bpc_chars"])
+    result["bpc"] = timed("bpc", lambda: bits_per_character(model, tokenizer, texts, seq_len=seq_len,
+                                                            batch_size=bs))
+    if train_texts_for_baseline:
+        result["unigram_bpc"] = timed("unigram", lambda: unigram_bpc(train_texts_for_baseline, texts))
+    if stage == "pretrain":
+        return result
+
+    if task_rows:
+        metrics, answers = timed("tasks", lambda: evaluate_tasks(
+            model, tokenizer, task_rows, max_new_tokens=s["max_new_tokens"], batch_size=bs,
+            per_task_limit=s["max_task_items"]))
+        result["tasks"], result["task_answers"] = metrics, answers
+    if pairs:
+        result["preference"] = timed("preference", lambda: preference_accuracy(
+            model, tokenizer, _first(pairs, s["max_pairs"]), batch_size=bs))
+    if choice_sets:
+        result["choice"] = {name: timed(f"choice:{name}", lambda rows=rows: choice_accuracy(
+            model, tokenizer, _first(rows, s["max_choice"]), batch_size=bs))
+            for name, rows in choice_sets.items()}
+    result["samples"] = timed("samples", lambda: sample_answers(
+        model, tokenizer, task_rows, per_task=s["samples_per_task"],
+        max_new_tokens=s["sample_max_new_tokens"], batch_size=bs))
+    return result

@@ -1,0 +1,124 @@
+"""Held-out task metrics: the model answers held-out SFT prompts greedily, answers are scored.
+
+The task of a row is the suffix of its id (`idiom:X#pinyin`, `news:12#seg3`, …).
+"""
+from __future__ import annotations
+
+import collections
+import re
+
+from tokenizers import Tokenizer
+
+from zhlm.eval.metrics import char_f1, exact_match, polarity_label, prf, segmentation_counts
+from zhlm.generate import Sampling, generate
+from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
+
+TASKS = ("pinyin", "polarity", "segmentation", "meaning", "origin", "example", "other")
+_SEG = re.compile(r"seg\d+")
+
+
+def task_of(row_id: str) -> str:
+    """The task a held-out row belongs to, from the suffix of its id."""
+    _, _, suffix = row_id.partition("#")
+    if _SEG.fullmatch(suffix):
+        return "segmentation"
+    return suffix if suffix in TASKS else "other"
+
+
+def select_rows(rows: list[dict], per_task_limit: int | None = None) -> dict[str, list[dict]]:
+    """Rows grouped by task, each group sorted by id and cut to the limit (deterministic)."""
+    groups: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in rows:
+        groups[task_of(row["id"])].append(row)
+    return {task: sorted(group, key=lambda r: r["id"])[:per_task_limit]
+            for task, group in sorted(groups.items())}
+
+
+def answer_prompts(model, tokenizer: Tokenizer, conversations: list[list[dict]], *,
+                   max_new_tokens: int = 64, batch_size: int = 16) -> list[str | None]:
+    """Greedy answers to conversations that end with a user turn.
+
+    A prompt that leaves no room for an answer in the model's context is not
+    answered (None). Prompts are batched by length to waste little on padding;
+    greedy answers do not depend on the batch (see zhlm.generate).
+    """
+    stop_ids = tuple(chat_stop_ids(tokenizer))
+    context = model.config.max_position_embeddings
+    prompts = [encode_prompt(tokenizer, messages) for messages in conversations]
+    answers: list[str | None] = [None] * len(prompts)
+    order = sorted((i for i, p in enumerate(prompts) if len(p) < context), key=lambda i: len(prompts[i]))
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
+    was_training = model.training
+    model.eval()
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        outputs = generate(model, [prompts[i] for i in batch], sampling, stop_ids=stop_ids)
+        for i, ids in zip(batch, outputs):
+            answers[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    model.train(was_training)
+    return answers
+
+
+def _question(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "response"}
+
+
+def score_task(task: str, items: list[dict]) -> dict:
+    """Metrics of one task from its answered items (each with answer and reference)."""
+    out: dict = {"n": len(items)}
+    if not items:
+        return out
+    preds, refs = [it["answer"] for it in items], [it["reference"] for it in items]
+    if task == "pinyin":
+        out["exact_match"] = sum(map(exact_match, preds, refs)) / len(items)
+    elif task == "polarity":
+        labels = [polarity_label(p) for p in preds]
+        out["accuracy"] = sum(l == r.strip() for l, r in zip(labels, refs)) / len(items)
+        out["no_label"] = sum(l is None for l in labels) / len(items)
+    elif task == "segmentation":
+        # Micro average: words of all sentences pooled.
+        counts = [segmentation_counts(p, r) for p, r in zip(preds, refs)]
+        precision, recall, f1 = prf(*(sum(c[k] for c in counts) for k in range(3)))
+        out.update(precision=precision, recall=recall, f1=f1,
+                   exact_match=sum(map(exact_match, preds, refs)) / len(items))
+    else:  # meaning, origin, example, other: free text
+        out["char_f1"] = sum(map(char_f1, preds, refs)) / len(items)
+        out["exact_match"] = sum(map(exact_match, preds, refs)) / len(items)
+    return out
+
+
+def _item_score(task: str, pred: str, ref: str) -> float:
+    """The headline score of one answer, kept with it for reading answers."""
+    if task == "pinyin":
+        return exact_match(pred, ref)
+    if task == "polarity":
+        return float(polarity_label(pred) == ref.strip())
+    if task == "segmentation":
+        return prf(*segmentation_counts(pred, ref))[2]
+    return char_f1(pred, ref)
+
+
+def evaluate_tasks(model, tokenizer: Tokenizer, rows: list[dict], *, max_new_tokens: int = 64,
+                   batch_size: int = 16, per_task_limit: int | None = None) -> tuple[dict, list[dict]]:
+    """Answer held-out sft rows greedily and score them per task.
+
+    Returns (metrics by task, answers). A segmentation answer repeats its whole
+    input sentence with spaces, so it gets twice the token budget. A row whose
+    prompt does not fit the context is counted in `skipped`, not scored.
+    """
+    metrics, answers = {}, []
+    for task, group in select_rows(rows, per_task_limit).items():
+        budget = 2 * max_new_tokens if task == "segmentation" else max_new_tokens
+        preds = answer_prompts(model, tokenizer, [messages_of(_question(r)) for r in group],
+                               max_new_tokens=budget, batch_size=batch_size)
+        items = []
+        for row, pred in zip(group, preds):
+            if pred is None:
+                continue
+            items.append({"id": row["id"], "task": task, "prompt": row["prompt"],
+                          "reference": row["response"], "answer": pred,
+                          "score": _item_score(task, pred, row["response"])})
+        metrics[task] = score_task(task, items)
+        metrics[task]["skipped"] = len(group) - len(items)
+        answers += items
+    return metrics, answers

@@ -1,0 +1,64 @@
+"""DPO rollouts: the SFT model answers held-back prompts; its answer is `rejected`, the reference `chosen`.
+
+Pairs whose two answers are nearly the same (character similarity at or above
+`max_similarity`) teach nothing and are dropped, and counted. A share of the
+pairs, chosen by a hash of their id, is kept for evaluation only.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from zhlm.generate import Sampling, generate
+from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
+
+
+def similarity(a: str, b: str) -> float:
+    """Character-level similarity in [0, 1] (difflib's ratio: 2 × matches / total length)."""
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def is_eval_pair(row_id: str, eval_fraction: float) -> bool:
+    digest = hashlib.blake2b(f"pair:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
+
+
+def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_size: int = 16, seed: int = 0,
+            max_similarity: float = 0.9, eval_fraction: float = 0.1, progress: bool = True
+            ) -> tuple[pa.Table, dict]:
+    """Generate an answer for every row and return (pairs, stats)."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    stop = chat_stop_ids(tokenizer)
+    prompts = [encode_prompt(tokenizer, messages_of({**row, "response": None})) for row in rows]
+    # Batches of similar prompt length waste less on padding.
+    order = sorted(range(len(rows)), key=lambda i: (len(prompts[i]), rows[i]["id"]))
+    answers: dict[int, str] = {}
+    for first in tqdm(range(0, len(order), batch_size), desc="rollouts", unit="batch", disable=not progress):
+        batch = order[first:first + batch_size]
+        outputs = generate(model, [prompts[i] for i in batch], sampling, stop_ids=stop, generator=generator)
+        for i, ids in zip(batch, outputs):
+            answers[i] = tokenizer.decode(ids)
+    pairs, dropped = [], 0
+    for i, row in enumerate(rows):
+        if similarity(answers[i], row["response"]) >= max_similarity:
+            dropped += 1
+            continue
+        pairs.append({"id": row["id"], "source": row["source"], "prompt": row["prompt"],
+                      "system": row.get("system"), "history": row.get("history"),
+                      "chosen": row["response"], "rejected": answers[i],
+                      "split": "eval" if is_eval_pair(row["id"], eval_fraction) else "train",
+                      "temperature": sampling.temperature, "top_p": sampling.top_p,
+                      "max_new_tokens": sampling.max_new_tokens, "seed": seed})
+    schema = pa.schema([(k, pa.string()) for k in ("id", "source", "prompt", "system", "history", "chosen",
+                                                   "rejected", "split")]
+                       + [("temperature", pa.float64()), ("top_p", pa.float64()),
+                          ("max_new_tokens", pa.int64()), ("seed", pa.int64())])
+    table = pa.Table.from_pylist(pairs, schema=schema)
+    stats = {"prompts": len(rows), "pairs": len(pairs), "dropped_similar": dropped,
+             "eval_pairs": sum(p["split"] == "eval" for p in pairs), "max_similarity": max_similarity,
+             "mean_answer_chars": sum(map(len, answers.values())) / max(1, len(answers))}
+    return table, stats
