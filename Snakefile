@@ -21,10 +21,12 @@ wildcard_constraints:
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/align.smk"
 
 
 rule all:
     default_target: True
     input:
-        rules.binarize.output,
+        rules.dpo.output,
         split_outputs(),

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+from pathlib import Path
 
 import pyarrow as pa
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from zhlm.generate import Sampling, generate
+from zhlm.io import read_parquet
+from zhlm.model import load_model
 from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
 
 
@@ -62,3 +66,15 @@ def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_siz
              "eval_pairs": sum(p["split"] == "eval" for p in pairs), "max_similarity": max_similarity,
              "mean_answer_chars": sum(map(len, answers.values())) / max(1, len(answers))}
     return table, stats
+
+
+def run(model_dir, prompts_parquet, *, settings: dict, progress: bool = True) -> tuple[pa.Table, dict]:
+    """Rollouts of the model in model_dir on the first settings["max_prompts"] prompts (by id)."""
+    model = load_model(model_dir, "cuda" if torch.cuda.is_available() else "cpu").eval()
+    tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    rows = sorted(read_parquet(prompts_parquet).to_pylist(), key=lambda r: r["id"])[:settings["max_prompts"]]
+    sampling = Sampling(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                        top_p=settings["top_p"])
+    return rollout(model, tokenizer, rows, sampling, batch_size=settings["batch_size"], seed=settings["seed"],
+                   max_similarity=settings["max_similarity"], eval_fraction=settings["eval_fraction"],
+                   progress=progress)

@@ -1,6 +1,8 @@
 # Helpers shared by the workflow files: which sources exist, and where their files go.
+import json
 import os
 import re
+import sys
 from urllib.parse import urlparse
 
 from zhlm.data.split import SPLITS
@@ -44,3 +46,26 @@ def split_outputs():
 def tokenizer_training_text():
     """Every training split: the tokenizer never sees held-out text."""
     return [f"results/split/{kind}/train.parquet" for kind in kinds()]
+
+
+# --- model stages -----------------------------------------------------------
+
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "train_log.csv")
+
+
+def model_folder(stage):
+    """The files of a stage's Hugging Face model folder (loss.png is declared apart, for the report)."""
+    return multiext(f"results/{stage}/", *MODEL_FILES)
+
+
+def launcher(stage):
+    """python for one process; torchrun (DDP) when the stage asks for more."""
+    nproc = config[stage]["nproc"]
+    if nproc == 1:
+        return sys.executable
+    return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node={nproc}"
+
+
+def script(name):
+    return os.path.join(workflow.basedir, "workflow", "scripts", name)

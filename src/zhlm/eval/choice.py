@@ -15,10 +15,11 @@ from __future__ import annotations
 import csv
 import os
 
+import torch
 from tokenizers import Tokenizer
 
 from zhlm.eval.preference import sequence_scores
-from zhlm.tokenizer.chat import EOT, IGNORE, IM_END, encode_chats
+from zhlm.tokenizer.chat import EOT, IGNORE, IM_END, encode_chats, encode_prompt
 
 LETTERS = ("A", "B", "C", "D")
 LETTER_INSTRUCTION = "请直接回答正确选项的字母。"
@@ -50,6 +51,46 @@ def answer_logps(model, tokenizer: Tokenizer, items: list[tuple[str, str]], *,
     return sequence_scores(model, examples, tokenizer.token_to_id(EOT), batch_size)
 
 
+@torch.no_grad()
+def _last_logprobs(model, prompts: list[list[int]], pad_id: int, batch_size: int) -> list[torch.Tensor]:
+    """Next-token log-probs (V,) after each prompt (right-padded batches)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first:first + batch_size]
+        ids = torch.full((len(batch), max(map(len, batch))), pad_id, dtype=torch.long)
+        for i, p in enumerate(batch):
+            ids[i, :len(p)] = torch.tensor(p)
+        logits = model(ids.to(device)).float()
+        last = torch.tensor([len(p) - 1 for p in batch], device=device)
+        out += list(torch.log_softmax(logits[torch.arange(len(batch), device=device), last], -1).cpu())
+    model.train(was_training)
+    return out
+
+
+def letter_logps(model, tokenizer: Tokenizer, rows: list[dict], *, batch_size: int = 8) -> list[list[float]]:
+    """Log-prob of each letter A-D as the assistant's answer to the letter prompt of each row.
+
+    When every letter is one token right after the opened assistant turn (the
+    usual case), one forward pass of the prompt scores all four; otherwise each
+    letter is scored as a whole answer.
+    """
+    prompts = [letter_prompt(r) for r in rows]
+    heads = [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    full = encode_chats(tokenizer, [[{"role": "user", "content": p}, {"role": "assistant", "content": x}]
+                                    for p in prompts for x in LETTERS])
+    im_end = tokenizer.token_to_id(IM_END)
+    pairs = [(heads[k // 4], ids) for k, (ids, _) in enumerate(full)]
+    if not all(ids[:len(head)] == head and ids[len(head) + 1] == im_end for head, ids in pairs):
+        scores = answer_logps(model, tokenizer, [(p, x) for p in prompts for x in LETTERS], batch_size=batch_size)
+        return [[lp for lp, _ in scores[4 * k:4 * k + 4]] for k in range(len(rows))]
+    letter_ids = [ids[len(head)] for head, ids in pairs]
+    logps = _last_logprobs(model, heads, tokenizer.token_to_id(EOT), batch_size)
+    return [[logps[k][letter_ids[4 * k + j]].item() for j in range(4)] for k in range(len(rows))]
+
+
 def _argmax(scores: list[float]) -> str:
     return LETTERS[max(range(len(scores)), key=scores.__getitem__)]
 
@@ -57,13 +98,12 @@ def _argmax(scores: list[float]) -> str:
 def choice_scores(model, tokenizer: Tokenizer, rows: list[dict], *, batch_size: int = 8
                   ) -> list[dict]:
     """Per row: the letter and cloze scores of each option and the picked letters."""
-    letter_items = [(letter_prompt(r), x) for r in rows for x in LETTERS]
+    letter = letter_logps(model, tokenizer, rows, batch_size=batch_size)
     cloze_items = [(r["question"], str(r[x])) for r in rows for x in LETTERS]
-    letter = answer_logps(model, tokenizer, letter_items, batch_size=batch_size)
     cloze = answer_logps(model, tokenizer, cloze_items, batch_size=batch_size)
     out = []
     for k, row in enumerate(rows):
-        letter_scores = [lp for lp, _ in letter[4 * k:4 * k + 4]]
+        letter_scores = letter[k]
         # An option with no tokens has no probability to compare: it never wins.
         cloze_scores = [lp / n if n else float("-inf") for lp, n in cloze[4 * k:4 * k + 4]]
         out.append({"id": row.get("id"), "answer": str(row["answer"]).strip().upper(),

@@ -99,21 +99,24 @@ def reward_metrics(policy, items, beta: float, pad_id: int, batch_size: int = 16
     return {"val_reward_accuracy": correct / n, "val_reward_margin": margin_sum / n}
 
 
-def run(sft_dir, tokenizer_dir, pair_files: list, out_dir, ckpt_dir, *, settings: dict,
+def run(sft_dir, tokenizer_dir, pair_files: list, out_dir, ckpt_dir, *, settings: dict, eval_files=(),
         progress: bool = True) -> list[dict]:
     """DPO from the SFT model against itself, frozen, as the reference; write a HF folder to out_dir.
 
-    pair_files: parquet files of (id, prompt, chosen, rejected[, split]); rows with split == "eval"
-    are held out and scored. settings: TrainConfig fields plus beta and seq_len.
+    pair_files: parquet files of (id, prompt, chosen, rejected[, split]); their rows with
+    split == "eval", and every row of eval_files, are held out and scored.
+    settings: TrainConfig fields plus beta and seq_len.
     """
     sft_dir = Path(sft_dir)
-    cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", *pair_files])
+    cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", *pair_files, *eval_files])
     policy = load_model(sft_dir, device)
     reference = load_model(sft_dir, device).eval().requires_grad_(False)
     tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     rows = read_parquets(pair_files).to_pylist()
     train_rows = [r for r in rows if r.get("split") != "eval"]
     eval_rows = [r for r in rows if r.get("split") == "eval"]
+    if eval_files:
+        eval_rows += read_parquets(eval_files).to_pylist()
     pad, beta, max_len = policy.config.pad_token_id, settings["beta"], settings["seq_len"] + 1
 
     def with_reference(pair_rows):

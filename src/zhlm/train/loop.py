@@ -82,10 +82,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 when asked, or for "auto" where the hardware runs it fast: a GPU with bf16, a CPU with AMX."""
     if cfg.dtype == "bf16":
         return torch.bfloat16
-    if cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if cfg.dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        if device.type == "cpu" and amx():
+            return torch.bfloat16
     return None
 
 
@@ -135,8 +140,8 @@ def start(settings: dict, inputs: list) -> tuple[TrainConfig, torch.device, str]
     return cfg, pick_device(cfg.device), fingerprint
 
 
-class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was written."""
+class StopRequested(SystemExit):
+    """SIGTERM or SIGINT arrived and a checkpoint was written: exit with 128 + the signal number."""
 
 
 class _SignalFlag:
@@ -290,14 +295,16 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                             mfu=f"{row['mfu']:.1%}" if row["mfu"] else "-")
             # Every process stops at the same step if any of them got the signal.
-            stopping = distributed.all_sum(float(stop.signum is not None), device) > 0
+            stopping = distributed.all_sum(float(stop.signum or 0), device)
             if rank == 0 and (step % cfg.checkpoint_every == 0 or stopping):
                 save_checkpoint(ckpt, model, optimizer, step, history, fingerprint)
                 write_log(history, out_dir)
             if stopping:
                 distributed.barrier()
                 bar.close()
-                raise StopRequested(f"stopped by a signal at step {step}; checkpoint in {ckpt}")
+                signum = stop.signum or signal.SIGTERM
+                log.warning("stopped by signal %d at step %d; the checkpoint in %s resumes it", signum, step, ckpt)
+                raise StopRequested(128 + signum)
     bar.close()
     if rank == 0:
         write_log(history, out_dir)

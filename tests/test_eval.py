@@ -1,0 +1,268 @@
+"""Eval: metrics, bits per character, preference accuracy, multiple choice, idiom choice set, report."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zhlm.data import demo
+from zhlm.data.split import item_key
+from zhlm.eval import (
+    bits_per_character, char_f1, choice_accuracy, evaluate_model, evaluate_tasks, exact_match,
+    normalize_answer, polarity_label, preference_accuracy, read_choice_csv, segmentation_f1, task_of,
+    unigram_bpc, write_report,
+)
+from zhlm.eval.choice import LETTERS, answer_logps, choice_scores, letter_prompt
+from zhlm.eval.tasks import score_task
+from zhlm.model import LlamaModel, ModelConfig, save_model
+from zhlm.tokenizer.bpe import build_from_texts, save_tokenizer
+from zhlm.tokenizer.chat import EOT, IGNORE, encode_chat
+
+FIXTURE = Path(__file__).parent / "fixtures" / "ceval_sample.csv"
+
+TEXTS = [
+    "人民日报报道，北京的天气今天很好。", "这家酒店的服务质量很好，下次还会再来。",
+    "手机用了三天就坏了，非常失望。", "画蛇添足比喻做了多余的事，反而不恰当。",
+    "中国的首都是北京。", "一年有四个季节：春夏秋冬。", "长江最终流入东海。",
+] * 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is much faster than several fighting over a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    rows = read_choice_csv(FIXTURE)
+    texts = TEXTS + [" ".join(r[k] for k in ("question", *LETTERS)) for r in rows]
+    tok, _, _ = build_from_texts(texts, 400, min_frequency=1)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, initializer_range=0.2)
+    return LlamaModel(config).eval()
+
+
+# --- metrics ---------------------------------------------------------------------
+
+def test_normalize_and_exact_match():
+    assert normalize_answer("  ＡＢ  c\n\t d ") == "ab c d"
+    assert exact_match("Zhāo  sān mù sì", "zhāo sān mù sì") == 1.0  # whitespace and case only
+    assert exact_match("zhao san mu si", "zhāo sān mù sì") == 0.0    # tone marks count
+    assert exact_match("北京。", "北京") == 0.0
+
+
+def test_char_f1():
+    assert char_f1("北京市", "北京") == pytest.approx(0.8)          # p = 2/3, r = 1
+    assert char_f1("北 京！", "北京") == 1.0                         # spaces, punctuation ignored
+    assert char_f1("天天", "天") == pytest.approx(2 / 3)             # multiset: one 天 matches
+    assert char_f1("上海", "北京") == 0.0
+    assert char_f1("", "北京") == 0.0
+    assert char_f1("。", "") == 1.0
+
+
+def test_polarity_label():
+    assert polarity_label("这条评论是负面的，不是正面") == "负面"
+    assert polarity_label("正面") == "正面"
+    assert polarity_label("不知道") is None
+
+
+def test_segmentation_f1_by_hand():
+    gold = "我 爱 北京 天安门"  # spans (0,1) (1,2) (2,4) (4,7)
+    assert segmentation_f1(gold, gold) == (1.0, 1.0, 1.0)
+    p, r, f = segmentation_f1("我 爱北京 天安门", gold)  # (0,1) (1,4) (4,7): 2 right
+    assert (p, r, f) == (pytest.approx(2 / 3), 0.5, pytest.approx(4 / 7))
+    # A changed character: the word at the same offsets no longer counts.
+    assert segmentation_f1("我 恨 北京 天安门", gold) == (0.75, 0.75, 0.75)
+    # A dropped character shifts every later word.
+    assert segmentation_f1("我 北京 天安门", gold)[0] == pytest.approx(1 / 3)
+    assert segmentation_f1("", gold) == (0.0, 0.0, 0.0)
+
+
+def test_task_of():
+    assert task_of("idiom:画蛇添足#pinyin") == "pinyin"
+    assert task_of("review:ab12#polarity") == "polarity"
+    assert task_of("news:12#seg3") == "segmentation"
+    assert [task_of(f"idiom:X#{t}") for t in ("meaning", "origin", "example")] == ["meaning", "origin", "example"]
+    assert task_of("belle:7") == task_of("news:1#segment") == "other"
+
+
+def test_score_task_by_hand():
+    items = [{"answer": "正面", "reference": "正面"}, {"answer": "我觉得是负面", "reference": "正面"},
+             {"answer": "嗯", "reference": "负面"}, {"answer": "负面。", "reference": "负面"}]
+    assert score_task("polarity", items) == {"n": 4, "accuracy": 0.5, "no_label": 0.25}
+    seg = [{"answer": "我 爱 北京", "reference": "我 爱 北京"}, {"answer": "天安门", "reference": "天 安门"}]
+    out = score_task("segmentation", seg)  # micro: 3 right of 4 predicted, 5 gold
+    assert (out["precision"], out["recall"], out["exact_match"]) == (0.75, 0.6, 0.5)
+
+
+def test_evaluate_tasks_runs_and_limits(model, tokenizer):
+    rows = [{"id": f"idiom:{w}#{t}", "prompt": f"成语“{w}”{t}？", "response": "画蛇添足"}
+            for w in ("甲", "乙", "丙") for t in ("pinyin", "meaning")]
+    rows.append({"id": "review:1#polarity", "prompt": "判断：很好", "response": "正面", "system": None,
+                 "history": None})
+    metrics, answers = evaluate_tasks(model, tokenizer, rows, max_new_tokens=4, batch_size=2, per_task_limit=2)
+    assert {t: m["n"] for t, m in metrics.items()} == {"meaning": 2, "pinyin": 2, "polarity": 1}
+    # the first two by id (丙 U+4E19 < 乙 U+4E59 < 甲 U+7532)
+    assert [a["id"] for a in answers if a["task"] == "pinyin"] == ["idiom:丙#pinyin", "idiom:乙#pinyin"]
+    again, answers2 = evaluate_tasks(model, tokenizer, rows, max_new_tokens=4, batch_size=3, per_task_limit=2)
+    assert again == metrics and [a["answer"] for a in answers2] == [a["answer"] for a in answers]
+
+
+# --- bits per character ----------------------------------------------------------
+
+def test_unigram_bpc_by_hand():
+    assert unigram_bpc(["ab"], ["b"]) == pytest.approx(math.log2(3))  # p(b) = p(end) = 2/6
+    # train a a b <end>: 4 symbols; vocabulary {a, b, c, <end>}: total 4 + 4 = 8
+    expected = -(math.log2(3 / 8) + math.log2(1 / 8) + math.log2(2 / 8)) / 3
+    assert unigram_bpc(["aab"], ["ac"]) == pytest.approx(expected)
+
+
+def test_bpc_equals_direct_cross_entropy(model, tokenizer):
+    texts = TEXTS[:5]
+    seq_len = 16
+    eot = tokenizer.token_to_id(EOT)
+    stream = [eot]
+    for t in texts:
+        stream += tokenizer.encode(t, add_special_tokens=False).ids + [eot]
+    stream = torch.tensor(stream)
+    nats = 0.0
+    for start in range(0, len(stream) - 1, seq_len):
+        window = stream[start:start + seq_len + 1]
+        with torch.no_grad():
+            logits = model(window[None, :-1])[0]
+        nats += F.cross_entropy(logits.float(), window[1:], reduction="sum").item()
+    chars = sum(len(t) for t in texts) + len(texts)
+    out = bits_per_character(model, tokenizer, texts + [""], seq_len=seq_len, batch_size=3)
+    assert out["tokens"] == len(stream) - 1 and out["chars"] == chars
+    assert out["nats"] == pytest.approx(nats, rel=1e-5)
+    assert out["bpc"] == pytest.approx(nats / math.log(2) / chars, rel=1e-5)
+
+
+# --- preference accuracy ---------------------------------------------------------
+
+def test_preference_accuracy_flips_when_swapped(model, tokenizer):
+    pairs = [{"prompt": "中国的首都是哪里？", "chosen": "北京。", "rejected": "我不知道这个问题的答案。"},
+             {"prompt": "评论：很好", "chosen": "正面", "rejected": "负面"},
+             {"prompt": "一年有几个季节？", "chosen": "四个季节：春夏秋冬。", "rejected": "三个"}]
+    out = preference_accuracy(model, tokenizer, pairs, batch_size=2)
+    swapped = preference_accuracy(model, tokenizer, [{**p, "chosen": p["rejected"], "rejected": p["chosen"]}
+                                                     for p in pairs])
+    assert out["n"] == 3
+    assert swapped["accuracy"] == pytest.approx(1 - out["accuracy"])
+    assert swapped["mean_margin"] == pytest.approx(-out["mean_margin"], abs=1e-4)
+
+
+# --- multiple choice -------------------------------------------------------------
+
+class Rigged(nn.Module):
+    """A model that adds `bonus` to the logits of some tokens: it makes them most likely."""
+
+    def __init__(self, model, tokens, bonus=50.0):
+        super().__init__()
+        self.inner, self.tokens, self.bonus, self.config = model, list(tokens), bonus, model.config
+
+    def forward(self, input_ids):
+        logits = self.inner(input_ids).clone()
+        logits[..., self.tokens] += self.bonus
+        return logits
+
+
+def test_fixture_reads_in_ceval_layout():
+    rows = read_choice_csv(FIXTURE)
+    assert len(rows) == 8
+    assert list(rows[0]) == ["id", "question", "A", "B", "C", "D", "answer"]
+    assert all(r["answer"] in LETTERS for r in rows)
+
+
+def test_letter_scores_equal_direct_logprob(model, tokenizer):
+    row = read_choice_csv(FIXTURE)[0]
+    scores = choice_scores(model, tokenizer, [row])[0]
+    for letter, score in zip(LETTERS, scores["letter_scores"]):
+        ids, labels = encode_chat(tokenizer, [{"role": "user", "content": letter_prompt(row)},
+                                              {"role": "assistant", "content": letter}])
+        letter_ids = tokenizer.encode(letter, add_special_tokens=False).ids
+        # the letter's tokens sit just before the closing <|im_end|>
+        end = max(i for i, t in enumerate(labels) if t != IGNORE)
+        assert ids[end - len(letter_ids):end] == letter_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+        direct = sum(logp[i - 1, ids[i]].item() for i in range(end - len(letter_ids), end))
+        assert score == pytest.approx(direct, abs=1e-4)
+    # The one-pass letter scoring agrees with scoring each letter as a whole answer.
+    whole = answer_logps(model, tokenizer, [(letter_prompt(row), x) for x in LETTERS])
+    assert scores["letter_scores"] == pytest.approx([lp for lp, _ in whole], abs=1e-4)
+
+
+def test_choice_picks_the_rigged_option(model, tokenizer):
+    rows = read_choice_csv(FIXTURE)
+    c_tokens = tokenizer.encode("C", add_special_tokens=False).ids
+    out = choice_accuracy(Rigged(model, c_tokens), tokenizer, rows, batch_size=5)
+    assert out["n"] == 8 and out["chance"] == 0.25
+    assert out["letter_accuracy"] == sum(r["answer"] == "C" for r in rows) / 8  # always picks C
+    # Cloze: make every token of one option's text likely; that option wins.
+    row = rows[3]  # 鲸鱼 / 鲨鱼 / 金鱼 / 海龟, answer A
+    scored = choice_scores(Rigged(model, tokenizer.encode(row["A"], add_special_tokens=False).ids), tokenizer, [row])
+    assert scored[0]["cloze_pick"] == "A"
+    scored = choice_scores(Rigged(model, tokenizer.encode(row["D"], add_special_tokens=False).ids), tokenizer, [row])
+    assert scored[0]["cloze_pick"] == "D"
+
+
+def test_idiom_choice_rows():
+    rows = demo.build("idiom_choice")
+    assert demo.DEMO_KINDS["idiom_choice"] == "choice"
+    meaning = {r["word"]: r["explanation"] for r in demo._idiom_rows()}
+    for row in rows[::50]:
+        word = item_key(row["id"]).removeprefix("idiom:")
+        assert row["id"].endswith("#choice") and word in row["question"]
+        options = [row[x] for x in LETTERS]
+        assert len(set(options)) == 4
+        assert [x for x in LETTERS if row[x] == meaning[word]] == [row["answer"]]
+    assert demo.idiom_choice()[:200] == rows[:200]  # deterministic
+    assert len({r["answer"] for r in rows[:200]}) == 4
+
+
+# --- whole model and report ------------------------------------------------------
+
+def test_evaluate_model_and_report(model, tokenizer, tmp_path):
+    save_model(model, tmp_path / "sft")
+    save_tokenizer(tokenizer, tmp_path / "sft")
+    rows = [{"id": "review:1#polarity", "prompt": "判断：很好", "response": "正面"},
+            {"id": "news:1#seg0", "prompt": "请分词：\n我爱北京", "response": "我 爱 北京"}]
+    pairs = [{"id": "p1", "prompt": "你好", "chosen": "你好！", "rejected": "嗯"}]
+    settings = {"max_new_tokens": 4, "sample_max_new_tokens": 4, "max_bpc_chars": 60, "batch_size": 8}
+    results = {}
+    for stage in ("pretrain", "sft"):
+        results[stage] = evaluate_model(
+            tmp_path / "sft", stage=stage, val_texts=TEXTS, train_texts_for_baseline=TEXTS[::-1], task_rows=rows,
+            pairs=pairs, choice_sets={"ceval_sample": read_choice_csv(FIXTURE)}, seq_len=32, settings=settings)
+    json.dumps(results)
+    assert "tasks" not in results["pretrain"] and results["pretrain"]["bpc"]["chars"] <= 60 + 5
+    sft = results["sft"]
+    assert set(sft["tasks"]) == {"polarity", "segmentation"} and sft["choice"]["ceval_sample"]["n"] == 8
+    assert len(sft["samples"]) == 6 + 2 and sft["preference"]["n"] == 1
+
+    plot = tmp_path / "sft" / "loss.png"
+    plot.write_bytes(b"png")
+    out = tmp_path / "eval" / "report.md"
+    write_report(results, out, loss_plots={"sft": plot})
+    text = out.read_text(encoding="utf-8")
+    for needle in ("pretrain", "sft", "unigram baseline", f"{sft['bpc']['bpc']:.3f}", "segmentation",
+                   "ceval_sample", "你好，请介绍一下你自己。", "](../sft/loss.png)"):
+        assert needle in text

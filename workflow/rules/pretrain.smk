@@ -1,0 +1,30 @@
+# Pretraining: a fresh decoder on the token files. Runs under torchrun when pretrain.nproc > 1.
+
+
+rule pretrain:
+    input:
+        train="results/tokens/train.bin",
+        val="results/tokens/val.bin",
+        meta="results/tokens/meta.json",
+        tokenizer=rules.build_tokenizer.output.tokenizer,
+    output:
+        folder=model_folder("pretrain"),
+        plot=report("results/pretrain/loss.png", category="Training", caption="../report/loss.rst"),
+    params:
+        launch=launcher("pretrain"),
+        model=json.dumps(config["model"]),
+        settings=json.dumps(config["pretrain"]),
+        # Resumable checkpoints: a scratch folder, not an output (Snakemake deletes outputs first).
+        ckpt="results/pretrain/_ckpt",
+        script=script("pretrain.py"),
+    threads: workflow.cores
+    log:
+        "results/logs/pretrain.log",
+    benchmark:
+        "results/benchmarks/pretrain.tsv"
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "{params.launch} {params.script} --tokens results/tokens --tokenizer results/tokenizer"
+        " --out results/pretrain --ckpt {params.ckpt} --model {params.model:q} --settings {params.settings:q}"
+        " 2> >(tee {log} >&2)"

@@ -1,0 +1,13 @@
+"""Supervised fine-tuning on ChatML conversations (started by python, or by torchrun for DDP)."""
+import argparse
+import json
+
+from zhlm.io import setup_logging
+from zhlm.train.sft import run
+
+parser = argparse.ArgumentParser(description=__doc__)
+for flag in ("--init", "--tokenizer", "--train", "--val", "--out", "--ckpt", "--settings"):
+    parser.add_argument(flag, required=True)
+args = parser.parse_args()
+setup_logging()
+run(args.init, args.tokenizer, args.train, args.val, args.out, args.ckpt, settings=json.loads(args.settings))
