@@ -1,5 +1,5 @@
 # zhlm: raw corpus -> cleaned, deduplicated, split text -> tokenizer -> token ids
-# (and, in later stages, pretrain -> SFT -> DPO -> eval). See README.md.
+# -> pretrain -> SFT -> DPO rollouts -> DPO -> eval. See README.md.
 from snakemake.utils import min_version, validate
 
 min_version("8.0")
@@ -23,10 +23,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/align.smk"
+include: "workflow/rules/eval.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.dpo.output,
-        split_outputs(),
+        "results/eval/report.md",

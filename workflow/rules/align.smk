@@ -35,7 +35,7 @@ rule rollouts:
         pairs="results/rollouts/pairs.parquet",
         stats="results/rollouts/stats.json",
     params:
-        model_dir="results/sft",
+        model_dir=lambda w, input: os.path.dirname(input.model[0]),
         settings=config["rollouts"],
     threads: workflow.cores
     log:

@@ -69,3 +69,15 @@ def launcher(stage):
 
 def script(name):
     return os.path.join(workflow.basedir, "workflow", "scripts", name)
+
+
+def eval_inputs(wildcards):
+    """What a stage is scored on: held-out text for all; tasks, pairs and choice sets after SFT."""
+    inputs = {"model": model_folder(wildcards.stage), "val": "results/split/pretrain/val.parquet",
+              "train": "results/split/pretrain/train.parquet"}
+    if wildcards.stage != "pretrain":
+        inputs["tasks"] = "results/split/sft/eval.parquet"
+        inputs["pairs"] = ["results/rollouts/pairs.parquet"] + (
+            ["results/split/dpo/eval.parquet"] if sources_of("dpo") else [])
+        inputs["choice"] = [f"results/clean/{s}.parquet" for s in sources_of("choice")]
+    return inputs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from zhlm.io import atomic_path
@@ -16,6 +17,9 @@ TASK_METRICS = {
     "example": ("char_f1", "exact_match"),
     "other": ("char_f1", "exact_match"),
 }
+
+
+_BREAKS = re.compile(r"\s*[\r\n]\s*")
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -34,7 +38,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def _cell(text: str | None, limit: int = 300) -> str:
     """One line of text that cannot break a Markdown table or block."""
-    text = (text or "").replace("\r", "").replace("\n", " ⏎ ").replace("|", "\\|")
+    # A run of line breaks shows as one ⏎: enough to see the shape of the answer.
+    text = _BREAKS.sub(" ⏎ ", (text or "").strip()).replace("|", "\\|")
     return text if len(text) <= limit else text[:limit] + "…"
 
 
@@ -116,7 +121,10 @@ def _samples_section(results: dict) -> list[str]:
         lines += [f"**Prompt{title}:** {_cell(prompt)}", ""]
         if entry["reference"] is not None:
             lines.append(f"- reference: {_cell(entry['reference'])}")
-        lines += [f"- {stage}: {_cell(entry['answers'].get(stage)) or '(empty)'}" for stage in stages]
+        for stage in stages:
+            answer = entry["answers"].get(stage, "")
+            shown = "(prompt too long for the context)" if answer is None else _cell(answer) or "(empty)"
+            lines.append(f"- {stage}: {shown}")
         lines.append("")
     return lines
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from zhlm.data.split import split_point
 from zhlm.eval.bpc import bits_per_character, unigram_bpc
 from zhlm.eval.choice import choice_accuracy
 from zhlm.eval.preference import preference_accuracy
 from zhlm.eval.tasks import answer_prompts, evaluate_tasks, select_rows
+from zhlm.io import read_parquet
 from zhlm.model import load_model
 
 SAMPLE_PROMPTS = (
@@ -93,6 +95,8 @@ def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[
         tokenizer_file = tokenizer_file / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     model = load_model(model_dir, device=s["device"]).eval()
+    # Windows longer than the context would score positions the model never trained on.
+    seq_len = min(seq_len, model.config.max_position_embeddings)
     bs = s["batch_size"]
     result: dict = {"stage": stage, "model_dir": str(model_dir),
                     "parameters": sum(p.numel() for p in model.parameters()),
@@ -120,11 +124,35 @@ def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[
     if pairs:
         result["preference"] = timed("preference", lambda: preference_accuracy(
             model, tokenizer, _first(pairs, s["max_pairs"]), batch_size=bs))
-    if choice_sets:
-        result["choice"] = {name: timed(f"choice:{name}", lambda rows=rows: choice_accuracy(
-            model, tokenizer, _first(rows, s["max_choice"]), batch_size=bs))
-            for name, rows in choice_sets.items()}
+    for name, rows in (choice_sets or {}).items():
+        subset = _first(rows, s["max_choice"])
+        result.setdefault("choice", {})[name] = timed(
+            f"choice:{name}", lambda: choice_accuracy(model, tokenizer, subset, batch_size=bs))
     result["samples"] = timed("samples", lambda: sample_answers(
         model, tokenizer, task_rows, per_task=s["samples_per_task"],
         max_new_tokens=s["sample_max_new_tokens"], batch_size=bs))
     return result
+
+
+def evaluate_files(model_dir, *, stage: str, val_parquet, train_parquet=None, tasks_parquet=None,
+                   pair_parquets=(), choice_parquets: dict | None = None, holdout: float = 0.0,
+                   seq_len: int, settings: dict | None = None) -> dict:
+    """evaluate_model on the workflow's files.
+
+    Held-out pairs are the rows of split "eval" (or files without a split column);
+    choice_parquets maps a set's name to (path, heldout_only): a set built from
+    training data is scored on its held-out band only.
+    """
+    def rows(path):
+        return read_parquet(path).to_pylist() if path else None
+
+    def texts(path):
+        return [r["text"] for r in rows(path)] if path else None
+
+    pairs = [r for p in pair_parquets for r in rows(p) if r.get("split", "eval") == "eval"]
+    choice_sets = {}
+    for name, (path, heldout_only) in (choice_parquets or {}).items():
+        choice_sets[name] = [r for r in rows(path) if not heldout_only or split_point(r["id"]) < holdout]
+    return evaluate_model(model_dir, stage=stage, val_texts=texts(val_parquet),
+                          train_texts_for_baseline=texts(train_parquet), task_rows=rows(tasks_parquet),
+                          pairs=pairs, choice_sets=choice_sets, seq_len=seq_len, settings=settings)

@@ -1,0 +1,169 @@
+"""The training loop: resume after SIGKILL, DDP under torchrun, the SFT mask, the DPO loss."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from zhlm.binarize import binarize
+from zhlm.data import demo
+from zhlm.io import write_json, write_parquet
+from zhlm.tokenizer.bpe import build_from_texts, save_tokenizer
+from zhlm.tokenizer.chat import IGNORE, encode_chat
+from zhlm.train.dpo import dpo_losses, make_dpo_loss, sequence_logp
+from zhlm.train.loop import TrainConfig, learning_rate
+from zhlm.train.sft import pad_batch
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer and token files built from 600 real reviews."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = [r["text"] for r in demo.reviews()[:600]]
+    tokenizer, _, _ = build_from_texts(texts, 600)
+    save_tokenizer(tokenizer, root / "tokenizer")
+    tokens = root / "tokens"
+    meta = {}
+    for split, part in (("train", texts[:500]), ("val", texts[500:])):
+        write_parquet(pa.table({"text": part}), root / f"{split}.parquet")
+        meta[split] = binarize(root / f"{split}.parquet", root / "tokenizer/tokenizer.json", tokens / f"{split}.bin",
+                               progress=False)
+    write_json(meta, tokens / "meta.json")
+    return root
+
+
+def pretrain_cmd(corpus, out, launcher=(sys.executable,), **settings):
+    settings = {"steps": 12, "global_batch": 8, "micro_batch": 4, "seq_len": 32, "lr": 0.003, "warmup_steps": 2,
+                "eval_every": 6, "checkpoint_every": 2, "eval_windows": 2, "dtype": "fp32", **settings}
+    return [*launcher, str(REPO / "workflow/scripts/pretrain.py"), "--tokens", str(corpus / "tokens"),
+            "--tokenizer", str(corpus / "tokenizer"), "--out", str(out), "--ckpt", str(out / "_ckpt"),
+            "--model", json.dumps(MODEL), "--settings", json.dumps(settings)]
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def run_until_checkpoint_then_kill(cmd, ckpt):
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def test_resume_after_sigkill_gives_the_weights_of_an_uninterrupted_run(corpus, tmp_path):
+    subprocess.run(pretrain_cmd(corpus, tmp_path / "straight"), check=True, capture_output=True)
+
+    resumed = tmp_path / "resumed"
+    run_until_checkpoint_then_kill(pretrain_cmd(corpus, resumed), resumed / "_ckpt/last.pt")
+    assert not (resumed / "model.safetensors").exists()
+    rerun = subprocess.run(pretrain_cmd(corpus, resumed), capture_output=True, text=True, check=True)
+    assert "resumed from" in rerun.stderr
+
+    a, b = weights(tmp_path / "straight"), weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not (resumed / "_ckpt/last.pt").exists(), "the checkpoint is removed once the final files are written"
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(corpus, tmp_path):
+    fresh = tmp_path / "fresh"
+    subprocess.run(pretrain_cmd(corpus, fresh), check=True, capture_output=True)
+    other = tmp_path / "other"
+    run_until_checkpoint_then_kill(pretrain_cmd(corpus, other, lr=0.01), other / "_ckpt/last.pt")
+    out = tmp_path / "out"
+    (out / "_ckpt").mkdir(parents=True)
+    (other / "_ckpt/last.pt").rename(out / "_ckpt/last.pt")
+    rerun = subprocess.run(pretrain_cmd(corpus, out), capture_output=True, text=True, check=True)
+    assert "resumed from" not in rerun.stderr and "other settings" in rerun.stderr
+    expected = weights(fresh)
+    for name, tensor in weights(out).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_two_processes_under_torchrun_match_one_process(corpus, tmp_path):
+    subprocess.run(pretrain_cmd(corpus, tmp_path / "one", steps=6, micro_batch=4), check=True, capture_output=True)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    run = subprocess.run(pretrain_cmd(corpus, tmp_path / "two", launcher=torchrun, steps=6, micro_batch=2),
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
+    log = (tmp_path / "two/train_log.csv").read_text().splitlines()
+    assert len(log) == 7 and log[0].startswith("step,loss")
+
+
+def test_sft_mask_covers_exactly_the_assistant_tokens(corpus):
+    tokenizer = Tokenizer.from_file(str(corpus / "tokenizer/tokenizer.json"))
+    messages = [{"role": "system", "content": "你是一个助手。"},
+                {"role": "user", "content": "这本书怎么样？"}, {"role": "assistant", "content": "很好，推荐！"},
+                {"role": "user", "content": "还有呢？\n"}, {"role": "assistant", "content": " 质量不错 👍"}]
+    ids, labels = encode_chat(tokenizer, messages)
+    assert tokenizer.decode(ids, skip_special_tokens=False) == (
+        "<|im_start|>system\n你是一个助手。<|im_end|>\n<|im_start|>user\n这本书怎么样？<|im_end|>\n"
+        "<|im_start|>assistant\n很好，推荐！<|im_end|>\n<|im_start|>user\n还有呢？\n<|im_end|>\n"
+        "<|im_start|>assistant\n 质量不错 👍<|im_end|>\n")
+    trained = [label for label in labels if label != IGNORE]
+    assert tokenizer.decode(trained, skip_special_tokens=False) == "很好，推荐！<|im_end|> 质量不错 👍<|im_end|>"
+    # Labels are the ids themselves where they count, and form two contiguous runs.
+    runs = sum(1 for i, label in enumerate(labels) if label != IGNORE and (i == 0 or labels[i - 1] == IGNORE))
+    assert runs == 2 and all(label in (IGNORE, token) for label, token in zip(labels, ids))
+    batch = pad_batch([(ids, labels), (ids[:5], labels[:5])], pad_id=0)
+    assert batch["labels"][0].tolist() == labels[1:]
+    assert batch["input_ids"][0].tolist() == ids[:-1]
+    assert (batch["labels"][1, 4:] == IGNORE).all()
+
+
+def test_dpo_loss_matches_a_hand_computed_value():
+    losses, margin = dpo_losses(torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0]),
+                                torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -2.0]), beta=0.5)
+    # pair 1: 0.5 * ((-1 + 2) - (-3 + 2)) = 1.0; pair 2: 0.5 * ((-4 + 3) - (-2 + 2)) = -0.5
+    assert margin.tolist() == [1.0, -0.5]
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-1.0)), math.log1p(math.exp(0.5))])
+
+
+def test_dpo_loss_of_a_model_uses_the_summed_answer_log_probabilities():
+    torch.manual_seed(0)
+    from zhlm.model import LlamaModel, ModelConfig
+
+    model = LlamaModel(ModelConfig(vocab_size=50, **MODEL))
+    ids = torch.randint(3, 50, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    logp = torch.log_softmax(model(ids), -1)
+    by_hand = torch.stack([sum(logp[b, t, labels[b, t]] for t in range(4, 9)) for b in range(2)])
+    assert torch.allclose(sequence_logp(model, ids, labels), by_hand, atol=1e-5)
+    batch = {"chosen_ids": ids, "chosen_labels": labels, "rejected_ids": ids.flip(0), "rejected_labels": labels.flip(0),
+             "ref_chosen": torch.zeros(2, dtype=torch.float64), "ref_rejected": torch.zeros(2, dtype=torch.float64)}
+    loss, count, metrics = make_dpo_loss(0.1)(model, batch)
+    expected = -torch.nn.functional.logsigmoid(0.1 * (by_hand - by_hand.flip(0))).sum()
+    assert count == 2 and torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_learning_rate_schedules():
+    cosine = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(cosine, 0) == pytest.approx(0.1)
+    assert learning_rate(cosine, 9) == pytest.approx(1.0)
+    assert learning_rate(cosine, 55) == pytest.approx(0.55)
+    assert learning_rate(cosine, 100) == pytest.approx(0.1)
+    wsd = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert learning_rate(wsd, 50) == 1.0 and learning_rate(wsd, 79) == 1.0
+    assert learning_rate(wsd, 99) == pytest.approx(0.0)

@@ -1,0 +1,41 @@
+# Eval: each stage's model on held-out data, then one report.
+
+
+rule eval_stage:
+    input:
+        unpack(eval_inputs),
+    output:
+        "results/eval/{stage}.json",
+    wildcard_constraints:
+        stage="pretrain|sft|dpo",
+    params:
+        model_dir=lambda w, input: os.path.dirname(input.model[0]),
+        choice_heldout_only={s: SOURCES[s]["heldout_only"] for s in sources_of("choice")},
+        holdout=config["split"]["holdout"],
+        seq_len=config["pretrain"]["seq_len"],
+        settings=config["eval"],
+    threads: workflow.cores
+    log:
+        "results/logs/eval/{stage}.log",
+    benchmark:
+        "results/benchmarks/eval/{stage}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/eval.py"
+
+
+rule report:
+    input:
+        results=expand("results/eval/{stage}.json", stage=["pretrain", "sft", "dpo"]),
+        plots=expand("results/{stage}/loss.png", stage=["pretrain", "sft", "dpo"]),
+    output:
+        report("results/eval/report.md", category="Eval", caption="../report/eval.rst"),
+    log:
+        "results/logs/eval/report.log",
+    benchmark:
+        "results/benchmarks/eval/report.tsv"
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/report.py"
