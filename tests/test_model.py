@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from zhlm.generate import Sampling, generate
+from zhlm.generate import Sampling, generate, next_tokens
 from zhlm.model import KVCache, LlamaModel, ModelConfig, load_model, save_model
 
 
@@ -69,3 +69,14 @@ def test_prompt_longer_than_the_context_fails_clearly():
     model = tiny()
     with pytest.raises(ValueError, match="no room"):
         generate(model, [list(range(64))], Sampling(max_new_tokens=4))
+
+
+def test_repetition_penalty_ignores_left_padding():
+    model = tiny(tie=False, std=0.5)
+    sampling = Sampling(max_new_tokens=8, repetition_penalty=1.3)
+    prompts = [[0, 5, 0, 7], [9, 8, 7, 6, 5, 4, 3]]  # token 0 is also the padding id
+    assert generate(model, prompts, sampling) == [generate(model, [p], sampling)[0] for p in prompts]
+    logits = torch.tensor([[3.0, 2.5, -1.0]])
+    seen = torch.tensor([[True, False, False]])
+    assert next_tokens(logits, sampling, None, seen).item() == 1  # 3.0 / 1.3 < 2.5
+    assert next_tokens(logits, Sampling(), None, seen).item() == 0

@@ -8,16 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from zhlm.binarize import binarize
-from zhlm.data import demo
-from zhlm.io import write_json, write_parquet
-from zhlm.tokenizer.bpe import build_from_texts, save_tokenizer
 from zhlm.tokenizer.chat import IGNORE, encode_chat
 from zhlm.train.dpo import dpo_losses, make_dpo_loss, sequence_logp
 from zhlm.train.loop import TrainConfig, learning_rate
@@ -26,23 +21,6 @@ from zhlm.train.sft import pad_batch
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A tokenizer and token files built from 600 real reviews."""
-    root = tmp_path_factory.mktemp("corpus")
-    texts = [r["text"] for r in demo.reviews()[:600]]
-    tokenizer, _, _ = build_from_texts(texts, 600)
-    save_tokenizer(tokenizer, root / "tokenizer")
-    tokens = root / "tokens"
-    meta = {}
-    for split, part in (("train", texts[:500]), ("val", texts[500:])):
-        write_parquet(pa.table({"text": part}), root / f"{split}.parquet")
-        meta[split] = binarize(root / f"{split}.parquet", root / "tokenizer/tokenizer.json", tokens / f"{split}.bin",
-                               progress=False)
-    write_json(meta, tokens / "meta.json")
-    return root
 
 
 def pretrain_cmd(corpus, out, launcher=(sys.executable,), **settings):

@@ -1,4 +1,4 @@
-"""The data half of the DAG on a tiny config, in a temporary folder.
+"""The whole DAG on a tiny config, in a temporary folder.
 
 One source is served over HTTP from 127.0.0.1 with a pinned sha256; it plants
 exact and near duplicates of real text and malformed rows, so dedup and the
@@ -67,7 +67,7 @@ def dag(tmp_path_factory):
         "sha256": hashlib.sha256(data).hexdigest()}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     try:
-        run = snakemake(workdir, TARGET, "results/split/sft/eval.parquet")
+        run = snakemake(workdir)  # rule all: every stage, to the eval report
         assert run.returncode == 0, run.stderr[-5000:]
     finally:
         server.shutdown()
@@ -212,3 +212,59 @@ def test_misspelled_config_key_fails_naming_the_key(tmp_path):
     run = snakemake(tmp_path, "-n")
     assert run.returncode != 0
     assert "min_chras" in run.stdout + run.stderr
+
+
+def test_every_stage_leaves_a_model_folder_that_transformers_loads_with_the_same_logits(dag):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zhlm.model import load_model
+
+    workdir, _, _ = dag
+    for stage in ("pretrain", "sft", "dpo"):
+        folder = workdir / "results" / stage
+        for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                     "tokenizer_config.json", "special_tokens_map.json", "train_log.csv", "loss.png"):
+            assert (folder / name).exists(), (stage, name)
+        assert not (folder / "_ckpt/last.pt").exists()
+    folder = workdir / "results/dpo"
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "这本书怎么样？"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\n这本书怎么样？<|im_end|>\n<|im_start|>assistant\n"
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        ours = load_model(folder).eval()(ids)
+        assert torch.allclose(ours, hf(ids).logits, atol=1e-4)
+
+
+def test_rollout_pairs_come_from_the_dpo_prompts_and_are_counted(dag):
+    workdir, config, _ = dag
+    results = workdir / "results"
+    pairs = table(results / "rollouts/pairs.parquet")
+    rollout_stats = stats(results / "rollouts/stats.json")
+    prompts = {r["id"]: r for r in table(results / "split/sft/dpo_prompts.parquet")}
+    assert rollout_stats["prompts"] == min(len(prompts), config["rollouts"]["max_prompts"])
+    assert rollout_stats["pairs"] + rollout_stats["dropped_similar"] == rollout_stats["prompts"]
+    assert len(pairs) == rollout_stats["pairs"]
+    for pair in pairs:
+        assert pair["chosen"] == prompts[pair["id"]]["response"] and pair["split"] in ("train", "eval")
+        assert pair["temperature"] == config["rollouts"]["temperature"]
+
+
+def test_eval_scores_every_stage_and_writes_the_report(dag):
+    workdir, _, _ = dag
+    results = workdir / "results/eval"
+    for stage in ("pretrain", "sft", "dpo"):
+        result = stats(results / f"{stage}.json")
+        assert 0 < result["bpc"]["bpc"] and result["unigram_bpc"] > 0
+        if stage != "pretrain":
+            assert {"polarity", "pinyin", "segmentation"} <= set(result["tasks"])
+            assert result["preference"]["n"] > 0
+            # The idiom choice set is scored on held-out idioms only.
+            held_out = {item_key(r["id"]) for r in table(workdir / "results/split/pretrain/val.parquet")}
+            assert 0 < result["choice"]["demo_idiom_choice"]["n"] <= len(held_out)
+    report = (results / "report.md").read_text()
+    for stage in ("pretrain", "sft", "dpo"):
+        assert stage in report

@@ -24,13 +24,13 @@ class Sampling:
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
                 seen: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per row from the last-position logits (B, V)."""
+    """One token per row from the last-position logits (B, V); `seen` (B, V) marks each row's tokens so far."""
     logits = logits.float()
     if sampling.repetition_penalty != 1.0 and seen is not None:
         # CTRL-style penalty on every token already in the row.
-        picked = logits.gather(1, seen)
-        picked = torch.where(picked > 0, picked / sampling.repetition_penalty, picked * sampling.repetition_penalty)
-        logits = logits.scatter(1, seen, picked)
+        penalized = torch.where(logits > 0, logits / sampling.repetition_penalty,
+                                logits * sampling.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
     if sampling.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
@@ -70,7 +70,11 @@ def stream(model: LlamaModel, prompts: list[list[int]], sampling: Sampling, *, s
     logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, last_only=True)[:, -1]
     stop = torch.tensor(list(stop_ids) or [-2], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    seen = ids.masked_fill(~valid[:, :P], 0) if sampling.repetition_penalty != 1.0 else None
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        # The prompt's own tokens, not its left padding.
+        counts = torch.zeros(B, model.config.vocab_size, dtype=torch.long, device=device)
+        seen = counts.scatter_add_(1, ids, valid[:, :P].long()) > 0
     last_pos = positions[:, -1]
     for step in range(max_len - P):
         token = next_tokens(logits, sampling, generator, seen)
@@ -81,7 +85,7 @@ def stream(model: LlamaModel, prompts: list[list[int]], sampling: Sampling, *, s
             return
         feed = token.clamp(min=0)[:, None]
         if seen is not None:
-            seen = torch.cat([seen, feed], dim=1)
+            seen.scatter_(1, feed, True)
         valid[:, P + step] = True
         last_pos = last_pos + 1
         logits = model(feed, positions=last_pos[:, None], mask=valid[:, None, None, :P + step + 1],

@@ -13,7 +13,7 @@ rule sft:
         launch=launcher("sft"),
         settings=json.dumps(config["sft"]),
         ckpt="results/sft/_ckpt",
-        script=script("sft.py"),
+        script=script_path("sft.py"),
     threads: workflow.cores
     log:
         "results/logs/sft.log",
@@ -60,7 +60,7 @@ rule dpo:
         launch=launcher("dpo"),
         settings=json.dumps(config["dpo"]),
         ckpt="results/dpo/_ckpt",
-        script=script("dpo.py"),
+        script=script_path("dpo.py"),
     threads: workflow.cores
     log:
         "results/logs/dpo.log",

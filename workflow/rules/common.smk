@@ -67,7 +67,7 @@ def launcher(stage):
     return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node={nproc}"
 
 
-def script(name):
+def script_path(name):
     return os.path.join(workflow.basedir, "workflow", "scripts", name)
 
 

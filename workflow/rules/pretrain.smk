@@ -16,7 +16,7 @@ rule pretrain:
         settings=json.dumps(config["pretrain"]),
         # Resumable checkpoints: a scratch folder, not an output (Snakemake deletes outputs first).
         ckpt="results/pretrain/_ckpt",
-        script=script("pretrain.py"),
+        script=script_path("pretrain.py"),
     threads: workflow.cores
     log:
         "results/logs/pretrain.log",

@@ -54,18 +54,21 @@ def stream_nats(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, ma
     """Total negative log-likelihood (nats) of a token stream, in consecutive windows.
 
     Each window predicts its tokens from the ones before it in the window; the
-    first token of the stream is not predicted. Returns (nats, tokens predicted).
+    first token of the stream is not predicted. With max_windows, that many
+    windows evenly spread over the stream. Returns (nats, tokens predicted).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     n_windows = math.ceil((tokens.size - 1) / seq_len)
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
+    chosen = np.arange(n_windows)
+    if max_windows is not None and max_windows < n_windows:
+        # Spread over the whole stream: the file holds its sources one after another.
+        chosen = np.unique(np.linspace(0, n_windows - 1, max_windows).astype(np.int64))
     nats, count = 0.0, 0
-    for first in range(0, n_windows, batch_size):
+    for first in range(0, len(chosen), batch_size):
         windows = []
-        for w in range(first, min(first + batch_size, n_windows)):
+        for w in chosen[first:first + batch_size]:
             chunk = np.asarray(tokens[w * seq_len: w * seq_len + seq_len + 1], dtype=np.int64)
             windows.append(torch.from_numpy(chunk))
         length = max(len(c) for c in windows)

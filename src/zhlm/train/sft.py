@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from zhlm.io import read_parquet
@@ -69,6 +70,25 @@ def count_labels(batch) -> int:
     return int((batch["labels"] != IGNORE).sum())
 
 
+def sft_loss(model, batch):
+    """Each conversation weighs the same: the mean loss over its answer tokens, summed over rows.
+
+    A per-token mean would let long answers drown short ones (a two-token
+    polarity label next to an idiom's explanation).
+    """
+    logits = model(batch["input_ids"]).float()
+    labels = batch["labels"]
+    per_token = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
+                                reduction="none").view(labels.shape)
+    counts = (labels != IGNORE).sum(-1)
+    loss = (per_token.sum(-1) / counts.clamp(min=1)).sum()
+    return loss, int((counts > 0).sum()), {}
+
+
+def count_rows(batch) -> int:
+    return int(((batch["labels"] != IGNORE).sum(-1) > 0).sum())
+
+
 @torch.no_grad()
 def examples_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
     """Mean loss per labelled token over `examples` (the validation loss)."""
@@ -102,8 +122,8 @@ def run(init_dir, tokenizer_dir, train_parquet, eval_parquet, out_dir, ckpt_dir,
              len(examples), skipped, max_len)
     pad = model.config.pad_token_id
     mean_len = float(np.mean([len(ids) - 1 for ids, _ in examples]))
-    history = train(model, Examples(examples, cfg.global_batch, cfg.seed, lambda b: pad_batch(b, pad)),
-                    lm_loss, cfg, out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint,
+    history = train(model, Examples(examples, cfg.global_batch, cfg.seed, lambda b: pad_batch(b, pad), count_rows),
+                    sft_loss, cfg, out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint,
                     evaluate=lambda m: {"val_loss": examples_loss(m, val_examples, pad)},
                     flops_per_item=model.flops_per_token(int(mean_len)) * mean_len, tokens_per_item=mean_len,
                     progress=progress)

@@ -1,0 +1,104 @@
+"""Training tokens/s and MFU, and generation tokens/s beside transformers' generate().
+
+    python benchmarks/bench_train_generate.py [--layers 6 --width 384 --heads 6 --vocab 8000
+                                               --batch 8 --seq 256 --steps 8]
+
+MFU is measured against the matmul peak of this machine, measured in the same
+run (fp32, and bf16 for bf16 autocast). Generation: 128 new tokens after a
+32-token prompt, greedy, at batch 1 and 16, our KV-cache loop against
+`transformers`' `generate()` on the same exported model.
+"""
+import argparse
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from zhlm.generate import Sampling, generate
+from zhlm.model import LlamaModel, ModelConfig, save_model
+from zhlm.train.loop import matmul_peak_flops
+
+
+def train_speed(model, batch, seq, steps, amp, compile_model):
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compile_model else model
+    x = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
+    times = []
+    for _ in range(steps + 2):  # the first two are warm-up (and compilation)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = forward(x[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times[2:])[len(times[2:]) // 2]  # median step
+    return batch * seq / seconds
+
+
+def generation_speed(fn, batch, new_tokens, repeats=3):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return batch * new_tokens / best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=int(args.width * 8 / 3),
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, 256))
+    model = LlamaModel(config).to(device)
+    flops_per_token = model.flops_per_token(args.seq)
+    print(f"device {device}, threads {torch.get_num_threads()}; model {config.num_parameters() / 1e6:.1f}M parameters, "
+          f"{args.layers} layers, width {args.width}, vocab {args.vocab}; batch {args.batch} x {args.seq}")
+    peak = {"fp32": matmul_peak_flops(device, torch.float32), "bf16": matmul_peak_flops(device, torch.bfloat16)}
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s")
+    runs = [("fp32", False, False), ("bf16 autocast", True, False)]
+    if args.compile:
+        runs += [("bf16 autocast + compile", True, True)]
+    for name, amp, compile_model in runs:
+        tps = train_speed(model, args.batch, args.seq, args.steps, amp, compile_model)
+        flops = tps * flops_per_token
+        ref = "bf16" if amp else "fp32"
+        print(f"train {name:24s} {tps:9,.0f} tokens/s  {flops / 1e9:7,.0f} GFLOP/s  MFU {flops / peak[ref]:.2f} "
+              f"(of the {ref} peak)")
+
+    from transformers import AutoModelForCausalLM
+
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp).to(device).eval()
+    new = 128
+    for batch in (1, 16):
+        prompts = torch.randint(3, args.vocab, (batch, 32), device=device)
+        ours = generation_speed(lambda: generate(model, prompts.tolist(), Sampling(max_new_tokens=new)), batch, new)
+        with torch.inference_mode():
+            theirs = generation_speed(lambda: hf.generate(prompts, max_new_tokens=new, min_new_tokens=new,
+                                                          do_sample=False, pad_token_id=0), batch, new)
+        print(f"generate batch {batch:2d}: zhlm {ours:8,.0f} tokens/s, transformers {theirs:8,.0f} tokens/s, "
+              f"{ours / theirs:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

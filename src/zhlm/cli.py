@@ -1,0 +1,50 @@
+"""The `zhlm` command: `zhlm chat MODEL_DIR` and `zhlm serve MODEL_DIR`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zhlm", description="Talk to a trained zhlm model folder.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="chat in the terminal, the answer streamed token by token",
+                          description="Chat with a model folder (e.g. results/dpo) in the terminal. "
+                                      "Commands: /system TEXT, /reset, /quit (or Ctrl-D).")
+    chat.add_argument("model_dir", help="a Hugging Face model folder, e.g. results/dpo")
+    # Unset sampling flags take the folder's generation_config.json (greedy for zhlm folders).
+    chat.add_argument("--temperature", type=float, help="0 is greedy (default: generation_config.json, else 0)")
+    chat.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
+    chat.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: generation_config.json)")
+    chat.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeats (default 1.0)")
+    chat.add_argument("--system", help="system prompt to start with")
+    chat.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    chat.add_argument("--seed", type=int, help="seed for sampling, for reproducible answers")
+
+    serve = sub.add_parser("serve", help="serve the OpenAI chat completions API",
+                           description="Serve a model folder over the OpenAI chat completions API "
+                                       "(POST /v1/chat/completions, GET /v1/models, GET /health).")
+    serve.add_argument("model_dir", help="a Hugging Face model folder, e.g. results/dpo")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("ZHLM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $ZHLM_API_KEY; none if unset)")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    serve.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default 16)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported here so that `zhlm chat` does not pay for importing the web stack.
+    if args.command == "chat":
+        from zhlm.chat import run
+        return run(args)
+    from zhlm.serve import run
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
