@@ -246,7 +246,8 @@ def test_rollout_pairs_come_from_the_dpo_prompts_and_are_counted(dag):
     rollout_stats = stats(results / "rollouts/stats.json")
     prompts = {r["id"]: r for r in table(results / "split/sft/dpo_prompts.parquet")}
     assert rollout_stats["prompts"] == min(len(prompts), config["rollouts"]["max_prompts"])
-    assert rollout_stats["pairs"] + rollout_stats["dropped_similar"] == rollout_stats["prompts"]
+    assert (rollout_stats["pairs"] + rollout_stats["dropped_similar"] + rollout_stats["skipped_too_long"]
+            == rollout_stats["prompts"])
     assert len(pairs) == rollout_stats["pairs"]
     for pair in pairs:
         assert pair["chosen"] == prompts[pair["id"]]["response"] and pair["split"] in ("train", "eval")

@@ -38,6 +38,11 @@ def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_siz
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     stop = chat_stop_ids(tokenizer)
     prompts = [encode_prompt(tokenizer, messages_of({**row, "response": None})) for row in rows]
+    # A prompt that fills the context leaves no room for an answer: skipped, and counted.
+    context = model.config.max_position_embeddings
+    fits = [i for i, p in enumerate(prompts) if len(p) < context]
+    too_long = len(prompts) - len(fits)
+    rows, prompts = [rows[i] for i in fits], [prompts[i] for i in fits]
     # Batches of similar prompt length waste less on padding.
     order = sorted(range(len(rows)), key=lambda i: (len(prompts[i]), rows[i]["id"]))
     answers: dict[int, str] = {}
@@ -62,7 +67,8 @@ def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_siz
                        + [("temperature", pa.float64()), ("top_p", pa.float64()),
                           ("max_new_tokens", pa.int64()), ("seed", pa.int64())])
     table = pa.Table.from_pylist(pairs, schema=schema)
-    stats = {"prompts": len(rows), "pairs": len(pairs), "dropped_similar": dropped,
+    stats = {"prompts": len(rows) + too_long, "pairs": len(pairs), "dropped_similar": dropped,
+             "skipped_too_long": too_long,
              "eval_pairs": sum(p["split"] == "eval" for p in pairs), "max_similarity": max_similarity,
              "mean_answer_chars": sum(map(len, answers.values())) / max(1, len(answers))}
     return table, stats

@@ -14,6 +14,7 @@ from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import IGNORE, chat_stop_ids, encode_chats, messages_of
 from zhlm.train import distributed
 from zhlm.train.loop import finish, start, train
+from zhlm.train.pretrain import check_context
 from zhlm.train.sft import Examples, pad_batch
 
 log = logging.getLogger("zhlm.dpo")
@@ -117,6 +118,7 @@ def run(sft_dir, tokenizer_dir, pair_files: list, out_dir, ckpt_dir, *, settings
     eval_rows = [r for r in rows if r.get("split") == "eval"]
     if eval_files:
         eval_rows += read_parquets(eval_files).to_pylist()
+    check_context(policy.config, settings["seq_len"])
     pad, beta, max_len = policy.config.pad_token_id, settings["beta"], settings["seq_len"] + 1
 
     def with_reference(pair_rows):

@@ -84,6 +84,12 @@ def stream_nats(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8, ma
     return nats, count
 
 
+def check_context(config: ModelConfig, seq_len: int) -> None:
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's context window "
+                         f"(max_position_embeddings {config.max_position_embeddings})")
+
+
 def bits_per_character(nats: float, characters: int) -> float:
     return nats / math.log(2) / characters
 
@@ -101,9 +107,10 @@ def run(tokens_dir, tokenizer_dir, out_dir, ckpt_dir, *, model_settings: dict, s
     seq_len = settings["seq_len"]
     train_tokens = np.memmap(tokens_dir / "train.bin", dtype=meta["train"]["dtype"], mode="r")
     val_tokens = np.memmap(tokens_dir / "val.bin", dtype=meta["val"]["dtype"], mode="r")
-    config = ModelConfig(vocab_size=meta["train"]["vocab_size"], max_position_embeddings=seq_len,
-                         bos_token_id=meta["train"]["eot_id"], eos_token_id=meta["train"]["eot_id"],
-                         pad_token_id=meta["train"]["eot_id"], **model_settings)
+    eot = meta["train"]["eot_id"]
+    config = ModelConfig(**{"max_position_embeddings": seq_len, **model_settings},
+                         vocab_size=meta["train"]["vocab_size"], bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    check_context(config, seq_len)
     model = LlamaModel(config).to(device)
     # Validation bits per character: the val set's characters per token converts nats per token.
     chars_per_token = meta["val"].get("characters", 0) / max(1, meta["val"]["tokens"])

@@ -14,7 +14,7 @@ from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import IGNORE, chat_stop_ids, encode_chats, messages_of
 from zhlm.train import distributed
 from zhlm.train.loop import finish, start, train
-from zhlm.train.pretrain import lm_loss
+from zhlm.train.pretrain import check_context, lm_loss
 
 log = logging.getLogger("zhlm.sft")
 
@@ -114,6 +114,7 @@ def run(init_dir, tokenizer_dir, train_parquet, eval_parquet, out_dir, ckpt_dir,
     cfg, device, fingerprint = start(settings, [init_dir / "model.safetensors", train_parquet, eval_parquet])
     model = load_model(init_dir, device)
     tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    check_context(model.config, settings["seq_len"])
     max_len = settings["seq_len"] + 1
     examples, skipped = encode_rows(tokenizer, read_parquet(train_parquet).to_pylist(), max_len)
     eval_rows = sorted(read_parquet(eval_parquet).to_pylist(), key=lambda r: r["id"])
