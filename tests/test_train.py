@@ -145,3 +145,24 @@ def test_learning_rate_schedules():
     wsd = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
     assert learning_rate(wsd, 50) == 1.0 and learning_rate(wsd, 79) == 1.0
     assert learning_rate(wsd, 99) == pytest.approx(0.0)
+
+
+def test_sigterm_checkpoints_and_the_rerun_resumes_from_it(corpus, tmp_path):
+    """SLURM preemption: SIGTERM before the kill; the job checkpoints, and a rerun continues."""
+    subprocess.run(pretrain_cmd(corpus, tmp_path / "straight"), check=True, capture_output=True)
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(pretrain_cmd(corpus, out), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "_ckpt/last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by signal 15" in stderr and not (out / "model.safetensors").exists()
+    stopped_at = len((out / "train_log.csv").read_text().splitlines()) - 1
+    assert 0 < stopped_at < 12
+    rerun = subprocess.run(pretrain_cmd(corpus, out), capture_output=True, text=True, check=True)
+    assert f"at step {stopped_at}" in rerun.stderr
+    expected = weights(tmp_path / "straight")
+    for name, tensor in weights(out).items():
+        assert torch.equal(tensor, expected[name]), name
