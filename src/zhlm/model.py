@@ -3,7 +3,10 @@
 RMSNorm, rotary embeddings (the rotate-half layout HF uses), SwiGLU, optional
 grouped-query attention and optionally tied embeddings. Parameter names and
 config keys are HF's, so a saved folder loads in `transformers` unchanged and
-gives the same logits. Attention goes through `scaled_dot_product_attention`.
+gives the same logits. Attention goes through `scaled_dot_product_attention`,
+except bf16 training on a CPU, where an explicit softmax attention is faster.
+Decoding with a KV cache multiplies by transposed, stacked copies of the weights
+(`LlamaModel.inference_weights`), which small-batch matmuls run much faster.
 """
 from __future__ import annotations
 
@@ -72,78 +75,105 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.shape, self.eps = (dim,), eps
 
     def forward(self, x):
-        # Normalise in float32 as HF does, then cast back before the weight.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # HF normalises in float32, casts back to the input dtype, then multiplies by the weight.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
-def rope_tables(config: ModelConfig, positions: torch.Tensor):
-    """cos, sin of shape positions.shape + (head_dim,), HF's rotate-half layout."""
+def rope_tables(config: ModelConfig, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the positions below `length` (max_position_embeddings): (length, 1, head_dim) each.
+
+    HF's rotate-half layout. The sign of rotate_half is folded into sin (its first
+    half is negated), so applying the rotation needs no negation.
+    """
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    freqs = torch.arange(length or config.max_position_embeddings).float()[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[:, :dim // 2] *= -1
+    return emb.cos()[:, None], sin[:, None]
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, heads, T, hd); cos/sin: (B, T, hd)
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x: (B, T, heads, head_dim); cos/sin: rows of rope_tables in x's dtype,
+    (T, 1, head_dim) or, per-row positions, (B, T, 1, head_dim)."""
+    # HF's x * cos + rotate_half(x) * sin: rotate_half(x) is [-x2, x1], the halves
+    # swapped (a roll by half) with the sign already in sin.
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (layers, B, kv_heads, max_len, head_dim)."""
+    """Preallocated keys and values, per layer (B, kv_heads, max_len, head_dim)."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
         self.length = 0
 
     def update(self, layer: int, k, v):
-        t = k.shape[2]
-        self.k[layer, :, :, self.length:self.length + t] = k
-        self.v[layer, :, :, self.length:self.length + t] = v
-        end = self.length + t
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store the new keys and values (B, kv_heads, T, head_dim); return all of them so far."""
+        end = self.length + k.shape[2]
+        keys, values = self.layers[layer]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
+def use_explicit_attention(q) -> bool:
+    """Training in bf16 on a CPU, up to 512 tokens: there the explicit attention below
+    (fwd + bwd) takes about half the time of SDPA's flash kernel, whose backward is slow."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] <= 512 and torch.is_grad_enabled()
+
+
+def explicit_causal_attention(q, k, v):
+    """softmax(q k^T / sqrt(d) + causal mask) v, spelled out (scores in q's dtype, as HF's eager attention)."""
+    T, groups = q.shape[2], q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + causal
+    return torch.softmax(scores, dim=-1) @ v
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        h, hd = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(h, config.num_attention_heads * hd, bias=False)
-        self.k_proj = nn.Linear(h, config.num_key_value_heads * hd, bias=False)
-        self.v_proj = nn.Linear(h, config.num_key_value_heads * hd, bias=False)
-        self.o_proj = nn.Linear(config.num_attention_heads * hd, h, bias=False)
+        h = config.hidden_size
+        self.heads, self.kv_heads, self.head_dim = H, K, hd = (config.num_attention_heads,
+                                                               config.num_key_value_heads, config.head_dim)
+        self.q_proj = nn.Linear(h, H * hd, bias=False)
+        self.k_proj = nn.Linear(h, K * hd, bias=False)
+        self.v_proj = nn.Linear(h, K * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, h, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, frozen=None):
+        """`frozen`: the (q|k|v, o) weights from LlamaModel.inference_weights, or None."""
         B, T, _ = x.shape
-        c = self.config
-        q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, K, hd = self.heads, self.kv_heads, self.head_dim
+        if frozen is None:
+            q, k, v = (proj(x).view(B, T, -1, hd) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = (x @ frozen[0]).view(B, T, H + 2 * K, hd).split((H, K, K), dim=2)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        groups = c.num_attention_heads // c.num_key_value_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        if mask is None and cache is None and T > 1 and use_explicit_attention(q):
+            y = explicit_causal_attention(q, k, v)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            # Without a mask: causal over the sequence, or a single new token that sees the whole cache.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=H != K)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)
+        return self.o_proj(y) if frozen is None else y @ frozen[1]
 
 
 class MLP(nn.Module):
@@ -153,8 +183,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, frozen=None):
+        """`frozen`: the (gate|up, down) weights from LlamaModel.inference_weights, or None."""
+        if frozen is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = (x @ frozen[0]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ frozen[1]
 
 
 class DecoderLayer(nn.Module):
@@ -165,9 +199,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache, layer, frozen=None):
+        attn, mlp = (None, None) if frozen is None else (frozen[:2], frozen[2:])
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, attn)
+        return x + self.mlp(self.post_attention_layernorm(x), mlp)
 
 
 class Backbone(nn.Module):
@@ -186,6 +221,9 @@ class LlamaModel(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -199,26 +237,64 @@ class LlamaModel(nn.Module):
         """Logits for `input_ids` (B, T).
 
         Without `mask`, attention is causal over the sequence (plus the cache).
-        `mask` (B, 1, T, T_total; True = attend) and `positions` (B, T) serve
-        left-padded batches during generation.
+        `mask` (B, 1, T, T_total; bool with True = attend, or a float bias added to
+        the scores) and `positions` (B, T) serve left-padded batches during generation.
+        With a `cache`, the matmuls use `inference_weights()`.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if mask is None and cache is not None and start > 0 and T > 1:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            if start + T > len(self.rope_cos):  # past the context window (HF computes these too)
+                cos, sin = (t[start:].to(self.rope_cos) for t in rope_tables(self.config, start + T))
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        device = input_ids.device.type
+        if torch.is_autocast_enabled(device):  # q and k come out of the projections in autocast's dtype
+            cos, sin = cos.to(torch.get_autocast_dtype(device)), sin.to(torch.get_autocast_dtype(device))
+        if mask is None and start > 0 and T > 1:
             # Causal within the new tokens, full view of the cache.
             mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
-        cos, sin = rope_tables(self.config, positions)
+        frozen = self.inference_weights() if cache is not None else None
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, i, None if frozen is None else frozen[i])
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)
+        return self.lm_head(x) if frozen is None else x @ frozen[-1]
+
+    def inference_weights(self) -> list | None:
+        """The matmul weights transposed and contiguous, for decoding (a KV cache, no autograd).
+
+        Per layer (q|k|v, o, gate|up, down), q, k and v stacked into one matmul and
+        gate and up into another, then the lm_head's. Matmuls of a few rows run up to
+        3x faster with the weight laid out this way. The copies are kept and remade
+        when a parameter changes: optimizer steps, load_state_dict and .to() all show
+        in the parameters' versions and storage (writes through `.data` do not, so
+        don't). None while autograd needs the parameters themselves.
+        """
+        params = self.__dict__.get("_matmul_params")
+        if params is None:
+            params = [p for layer in self.model.layers for p in layer.parameters() if p.dim() == 2]
+            self._matmul_params = params = params + [self.lm_head.weight]
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or params[0].is_inference():
+            return None  # (inference tensors keep no version to check the copies against)
+        key = [(p.data_ptr(), p._version) for p in params]
+        if self.__dict__.get("_inference_key") != key:
+            with torch.no_grad():
+                def t(*weights):
+                    return torch.cat(weights).t().contiguous()
+                frozen = []
+                for layer in self.model.layers:
+                    a, m = layer.self_attn, layer.mlp
+                    frozen.append((t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), t(a.o_proj.weight),
+                                   t(m.gate_proj.weight, m.up_proj.weight), t(m.down_proj.weight)))
+                self._inference_weights = frozen + [t(self.lm_head.weight)]
+            self._inference_key = key
+        return self._inference_weights
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 × matmul parameters + attention (the PaLM estimate)."""
