@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from zhlm.tokenizer.chat import IGNORE, encode_chat
 from zhlm.train.dpo import dpo_losses, make_dpo_loss, sequence_logp
+from zhlm.train import launch
 from zhlm.train.loop import TrainConfig, learning_rate
 from zhlm.train.sft import pad_batch
 
@@ -166,3 +167,51 @@ def test_sigterm_checkpoints_and_the_rerun_resumes_from_it(corpus, tmp_path):
     expected = weights(tmp_path / "straight")
     for name, tensor in weights(out).items():
         assert torch.equal(tensor, expected[name]), name
+
+
+# --- launching: one process, torchrun, torchrun on each SLURM node ------------
+
+def test_launch_runs_one_process_directly_and_several_under_torchrun():
+    assert launch.command(["train.py", "--x"], nproc=1) == [sys.executable, "train.py", "--x"]
+    assert launch.command(["train.py"], nproc=4) == [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone", "train.py"]
+
+
+def test_launch_execs_the_script_with_its_arguments(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text("import sys; print(sys.argv[1:])")
+    run = subprocess.run([sys.executable, "-m", "zhlm.train.launch", "--nproc-per-node", "1", str(script),
+                          "--settings", '{"a": 1}'], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == str(["--settings", '{"a": 1}'])
+
+
+def fake_scontrol(tmp_path, node_list, hosts):
+    """An scontrol on PATH that answers `show job` and `show hostnames` like SLURM does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"""#!/bin/sh
+if [ "$2" = job ]; then echo "JobId=$4 JobName=x JobState=RUNNING NumNodes={len(hosts)} NodeList={node_list} BatchHost={hosts[0]}"
+else echo "{chr(10).join(hosts)}"; fi
+""")
+    scontrol.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+
+
+def test_launch_over_several_nodes_starts_torchrun_on_each_through_srun(tmp_path, monkeypatch):
+    env = fake_scontrol(tmp_path, "gpu[07-08]", ["gpu07", "gpu08"])
+    monkeypatch.setenv("PATH", env["PATH"])
+    argv = launch.command(["train.py", "--x"], nproc=8, nodes=2, env=env)
+    assert argv[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                        sys.executable]
+    assert argv[6:] == ["-m", "torch.distributed.run", "--nproc-per-node=8", "--nnodes=2", "--rdzv-backend=c10d",
+                        f"--rdzv-endpoint=gpu07:{launch.RENDEZVOUS_PORT}", "--rdzv-id=77", "train.py", "--x"]
+
+
+def test_launch_over_several_nodes_needs_a_slurm_job_of_that_size(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="need a SLURM job"):
+        launch.command(["train.py"], nproc=1, nodes=2, env={})
+    env = fake_scontrol(tmp_path, "gpu07", ["gpu07"])
+    monkeypatch.setenv("PATH", env["PATH"])
+    with pytest.raises(SystemExit, match="asks for 2 nodes but SLURM job 77 has 1"):
+        launch.command(["train.py"], nproc=1, nodes=2, env=env)

@@ -9,15 +9,19 @@ import hashlib
 import http.server
 import json
 import random
+import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from safetensors import safe_open
+from slurm_cluster import ClusterUnavailable, SlurmCluster
 from tokenizers import Tokenizer
 
 from zhlm.data import demo
@@ -27,11 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/tokens/train.bin"
 
 
-def snakemake(workdir, *args):
+def snakemake_command(workdir, *args):
     # --configfile takes every argument after it, so it comes last.
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--cores", "2", *args, "--configfile", str(workdir / "config.yaml")]
-    return subprocess.run(cmd, capture_output=True, text=True)
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+            "--cores", "2", *args, "--configfile", str(workdir / "config.yaml")]
+
+
+def snakemake(workdir, *args, env=None):
+    return subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, env=env, cwd=workdir)
 
 
 def planted_rows():
@@ -50,9 +57,8 @@ def planted_rows():
     return b"\n".join(lines) + b"\n", {"a": a, "b": b, "c": c}
 
 
-@pytest.fixture(scope="module")
-def dag(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("dag")
+def run_dag(workdir, *args, env=None):
+    """The tiny config plus the planted source, served while Snakemake runs with `args`."""
     served = workdir / "served"
     served.mkdir()
     data, originals = planted_rows()
@@ -67,10 +73,17 @@ def dag(tmp_path_factory):
         "sha256": hashlib.sha256(data).hexdigest()}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     try:
-        run = snakemake(workdir)  # rule all: every stage, to the eval report
+        run = snakemake(workdir, *args, env=env)
         assert run.returncode == 0, run.stderr[-5000:]
     finally:
         server.shutdown()
+    return config, originals, run
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dag")
+    config, originals, _ = run_dag(workdir)  # rule all: every stage, to the eval report
     return workdir, config, originals
 
 
@@ -181,9 +194,12 @@ def test_second_run_has_nothing_to_do(dag):
 
 def job_counts(output):
     """The job names of a dry run's "Job stats" table."""
-    lines = output.split("Job stats:", 1)[1].splitlines()
-    return {parts[0]: int(parts[1]) for parts in (line.split() for line in lines[3:])
-            if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total"}
+    counts = {}
+    for line in output.split("Job stats:", 1)[1].splitlines()[3:]:
+        name, count = line.split()
+        if name == "total":
+            return counts
+        counts[name] = int(count)
 
 
 def test_changed_cleaning_parameter_reruns_cleaning_and_what_follows_only(dag):
@@ -269,3 +285,119 @@ def test_eval_scores_every_stage_and_writes_the_report(dag):
     report = (results / "report.md").read_text()
     for stage in ("pretrain", "sft", "dpo"):
         assert stage in report
+
+
+# --- the same DAG through SLURM ----------------------------------------------
+
+SLURM_ARGS = ("--workflow-profile", str(REPO / "profiles/slurm"),
+              # status checks every second instead of the profile's site-friendly pace
+              "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1")
+SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
+
+
+@pytest.fixture(scope="module")
+def slurm_dag(tmp_path_factory):
+    """The tiny DAG to the DPO model, every job submitted by the SLURM profile to a real
+    single-node cluster started for this test and shut down after it."""
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except ClusterUnavailable as e:
+        cluster.stop()
+        pytest.skip(f"SLURM cannot start on this machine, so the SLURM profile is NOT tested: {e}")
+    workdir = tmp_path_factory.mktemp("slurm_dag")
+    try:
+        _, _, run = run_dag(workdir, *SLURM_ARGS, "results/dpo/model.safetensors", env=cluster.env)
+        yield workdir, run.stdout + run.stderr, cluster
+    finally:
+        cluster.stop()
+
+
+def slurm_jobs(cluster):
+    """SLURM's view of every job it still remembers: id -> (state, GPUs asked for, resources allocated)."""
+    out = subprocess.run(["squeue", "--states=all", "--noheader", "-O", "JobID:|,State:|,tres-per-job:|,tres-alloc:"],
+                         env=cluster.env, capture_output=True, text=True, check=True).stdout
+    return {job: (state, gpus, alloc.strip()) for job, state, gpus, alloc in (line.split("|") for line in out.splitlines())}
+
+
+def test_slurm_profile_runs_every_job_as_a_slurm_job(slurm_dag):
+    workdir, output, cluster = slurm_dag
+    submitted = SUBMITTED.findall(output)
+    planned = job_counts(output)
+    assert sum(planned.values()) == len(submitted) > 20
+    known = slurm_jobs(cluster)
+    logs = workdir / ".snakemake/slurm_logs"
+    for slurm_id, log_path in submitted:
+        # SLURM still knows the job (MinJobAge) and says it completed; its log is where the profile says.
+        state, gpus, alloc = known[slurm_id]
+        assert state == "COMPLETED", (slurm_id, log_path, state)
+        log = Path(log_path)
+        assert log.is_relative_to(logs) and log.name == f"{slurm_id}.log" and log.exists()
+        rule = log.relative_to(logs).parts[0].removeprefix("rule_")
+        # Model jobs got the GPU the rule asks for (the test node's pseudo-GPU) and the profile's
+        # CPUs per GPU; data jobs no GPU and their threads' CPUs.
+        if rule in ("pretrain", "sft", "rollouts", "dpo"):
+            assert gpus == "gres:gpu:1" and "cpu=8," in alloc, (rule, gpus, alloc)
+        else:
+            assert gpus == "N/A" and alloc.startswith("cpu=1,") == (rule not in ("dedup", "count_words")), (rule, alloc)
+    logs_per_rule = {}
+    for log in logs.glob("rule_*/**/*.log"):
+        rule = log.relative_to(logs).parts[0].removeprefix("rule_")
+        logs_per_rule[rule] = logs_per_rule.get(rule, 0) + 1
+    assert logs_per_rule == planned
+
+
+def test_slurm_run_gives_the_local_run_s_artifacts(slurm_dag, dag):
+    slurm_dir, _, _ = slurm_dag
+    local_dir, _, _ = dag
+    compared = 0
+    for path in sorted((slurm_dir / "results").rglob("*")):
+        relative = path.relative_to(slurm_dir)
+        if not path.is_file() or relative.parts[1] in ("logs", "benchmarks"):
+            continue
+        local = local_dir / relative
+        assert local.exists(), relative
+        if path.suffix == ".parquet":
+            assert pq.read_metadata(path).num_rows == pq.read_metadata(local).num_rows, relative
+            assert pq.read_schema(path) == pq.read_schema(local), relative
+        elif path.suffix == ".bin" or relative == Path("results/tokenizer/tokenizer.json"):
+            assert path.read_bytes() == local.read_bytes(), relative  # data stages are deterministic
+        elif path.suffix == ".safetensors":
+            with safe_open(path, "pt") as a, safe_open(local, "pt") as b:
+                assert {k: a.get_slice(k).get_shape() for k in a.keys()} == \
+                       {k: b.get_slice(k).get_shape() for k in b.keys()}, relative
+        compared += 1
+    assert compared > 50
+
+
+def test_preempted_slurm_training_job_is_resubmitted_and_resumes(slurm_dag):
+    """SIGTERM to the running pretrain job's steps, as SLURM sends them when it preempts a job
+    (GraceTime) or warns of its time limit (the profile's --signal): the job checkpoints and
+    fails, the profile's retries resubmit it, and the new SLURM job resumes from the
+    checkpoint and finishes."""
+    workdir, _, cluster = slurm_dag
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    steps = 600
+    config["pretrain"].update(steps=steps, checkpoint_every=5, eval_every=steps)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    ckpt = workdir / "results/pretrain/_ckpt/last.pt"
+    output = workdir / "preempted.out"
+    with open(output, "w") as out:
+        run = subprocess.Popen(snakemake_command(workdir, *SLURM_ARGS, "results/pretrain/model.safetensors"),
+                               stdout=out, stderr=subprocess.STDOUT, env=cluster.env, cwd=workdir)
+        deadline = time.time() + 240
+        while not (ckpt.exists() and SUBMITTED.search(output.read_text())) and run.poll() is None:
+            assert time.time() < deadline, output.read_text()[-3000:]
+            time.sleep(0.2)
+        first_job = SUBMITTED.search(output.read_text()).group(1)
+        subprocess.run(["scancel", "--signal=TERM", first_job], env=cluster.env, check=True)
+        assert run.wait(timeout=300) == 0, output.read_text()[-5000:]
+    submitted = SUBMITTED.findall(output.read_text())
+    assert [Path(log).parts[-2] for _, log in submitted] == ["rule_pretrain"] * 2
+    (first, first_log), (second, second_log) = submitted
+    assert first == first_job and slurm_jobs(cluster)[first][0] == "FAILED"
+    stopped = re.search(r"stopped by signal 15 at step (\d+)", Path(first_log).read_text())
+    assert stopped and 0 < int(stopped.group(1)) < steps
+    assert f"at step {stopped.group(1)}" in Path(second_log).read_text()
+    log_rows = (workdir / "results/pretrain/train_log.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in log_rows] == list(range(1, steps + 1))

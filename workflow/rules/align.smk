@@ -1,4 +1,5 @@
 # Alignment: SFT on the instruction data, DPO rollouts from the SFT model, then DPO.
+# Training commands exec and tee ignores SIGTERM, as in pretrain.smk.
 
 
 rule sft:
@@ -15,6 +16,8 @@ rule sft:
         ckpt="results/sft/_ckpt",
         script=script_path("sft.py"),
     threads: workflow.cores
+    resources:
+        **training_resources("sft"),
     log:
         "results/logs/sft.log",
     benchmark:
@@ -22,9 +25,10 @@ rule sft:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{params.launch} {params.script} --init results/pretrain --tokenizer results/tokenizer"
+        "exec {params.launch} {params.script} --init results/pretrain --tokenizer results/tokenizer"
         " --train {input.train} --val {input.val} --out results/sft --ckpt {params.ckpt}"
-        " --settings {params.settings:q} 2> >(tee {log} >&2)"
+        " --settings {params.settings:q}"
+        " 2> >(trap '' TERM INT; exec tee {log} >&2)"
 
 
 rule rollouts:
@@ -38,6 +42,8 @@ rule rollouts:
         model_dir=lambda w, input: os.path.dirname(input.model[0]),
         settings=config["rollouts"],
     threads: workflow.cores
+    resources:
+        gpu=min(1, gpus("sft")),  # the SFT model answers the prompts
     log:
         "results/logs/rollouts.log",
     benchmark:
@@ -62,6 +68,8 @@ rule dpo:
         ckpt="results/dpo/_ckpt",
         script=script_path("dpo.py"),
     threads: workflow.cores
+    resources:
+        **training_resources("dpo"),
     log:
         "results/logs/dpo.log",
     benchmark:
@@ -69,6 +77,7 @@ rule dpo:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{params.launch} {params.script} --sft results/sft --tokenizer results/tokenizer"
+        "exec {params.launch} {params.script} --sft results/sft --tokenizer results/tokenizer"
         " --pairs {input.pairs} --eval-pairs {input.eval_pairs} --out results/dpo --ckpt {params.ckpt}"
-        " --settings {params.settings:q} 2> >(tee {log} >&2)"
+        " --settings {params.settings:q}"
+        " 2> >(trap '' TERM INT; exec tee {log} >&2)"

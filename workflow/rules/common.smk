@@ -60,11 +60,26 @@ def model_folder(stage):
 
 
 def launcher(stage):
-    """python for one process; torchrun (DDP) when the stage asks for more."""
-    nproc = config[stage]["nproc"]
-    if nproc == 1:
-        return sys.executable
-    return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node={nproc}"
+    """The command that starts a stage's training script: python, torchrun, or torchrun on each SLURM node."""
+    settings = config[stage]
+    return (f"{sys.executable} -m zhlm.train.launch --nproc-per-node {settings['nproc']}"
+            f" --nodes {settings['nodes']}")
+
+
+def gpus(stage):
+    """GPUs a model job of this stage asks for: one per process, none when its device is cpu."""
+    settings = config[stage]
+    return 0 if settings["device"] == "cpu" else settings["nproc"]
+
+
+def training_resources(stage):
+    """Resources of a training job. `gpu` is counted by local runs (profiles/default) and
+    requested from SLURM (profiles/slurm). A job over several nodes runs its shell once in the
+    batch script (the plugin's `mpi` path), and the launcher's srun starts torchrun on each node."""
+    nodes = config[stage]["nodes"]
+    if nodes == 1:
+        return {"gpu": gpus(stage)}
+    return {"nodes": nodes, "tasks": nodes, "mpi": "srun", "tasks_per_gpu": 0, "gres": f"gpu:{gpus(stage)}"}
 
 
 def script_path(name):

@@ -15,6 +15,8 @@ rule eval_stage:
         seq_len=config["pretrain"]["seq_len"],
         settings=config["eval"],
     threads: workflow.cores
+    resources:
+        gpu=lambda w: min(1, gpus(w.stage)),
     log:
         "results/logs/eval/{stage}.log",
     benchmark:

@@ -1,4 +1,8 @@
 # Pretraining: a fresh decoder on the token files. Runs under torchrun when pretrain.nproc > 1.
+#
+# Training commands replace the job's shell (exec), so a SIGTERM from SLURM reaches the
+# training loop itself, which checkpoints; tee ignores SIGTERM and SIGINT so that the log
+# and the terminal still get the loop's last lines.
 
 
 rule pretrain:
@@ -18,6 +22,8 @@ rule pretrain:
         ckpt="results/pretrain/_ckpt",
         script=script_path("pretrain.py"),
     threads: workflow.cores
+    resources:
+        **training_resources("pretrain"),
     log:
         "results/logs/pretrain.log",
     benchmark:
@@ -25,6 +31,6 @@ rule pretrain:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{params.launch} {params.script} --tokens results/tokens --tokenizer results/tokenizer"
+        "exec {params.launch} {params.script} --tokens results/tokens --tokenizer results/tokenizer"
         " --out results/pretrain --ckpt {params.ckpt} --model {params.model:q} --settings {params.settings:q}"
-        " 2> >(tee {log} >&2)"
+        " 2> >(trap '' TERM INT; exec tee {log} >&2)"

@@ -51,7 +51,6 @@ class TrainConfig:
     compile: bool = False
     eval_every: int = 100
     checkpoint_every: int = 100
-    log_every: int = 10
     device: str = "auto"
 
     def __post_init__(self):
@@ -295,14 +294,15 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row |= evaluate(model)
             history.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            mfu=f"{row['mfu']:.1%}" if row["mfu"] else "-")
             # Every process stops at the same step if any of them got the signal.
             stopping = distributed.all_sum(float(stop.signum or 0), device)
             if rank == 0 and (step % cfg.checkpoint_every == 0 or stopping):
                 save_checkpoint(ckpt, model, optimizer, step, history, fingerprint)
                 write_log(history, out_dir)
+            # After the checkpoint: on a signal, the terminal may be gone.
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mfu=f"{row['mfu']:.1%}" if row["mfu"] else "-")
             if stopping:
                 distributed.barrier()
                 bar.close()
