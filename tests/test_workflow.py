@@ -221,6 +221,19 @@ def test_changed_cleaning_parameter_reruns_cleaning_and_what_follows_only(dag):
     assert "download" not in jobs and "parse" not in jobs and "split_sft" not in jobs
 
 
+def test_a_stage_over_several_nodes_asks_slurm_for_them_and_launches_on_each(tmp_path):
+    config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
+    config["pretrain"].update(nproc=4, nodes=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    run = snakemake(tmp_path, "-n", "-p", "results/pretrain/model.safetensors")
+    assert run.returncode == 0, run.stderr
+    job = run.stdout.split("rule pretrain:", 1)[1]
+    resources = dict(item.split("=", 1) for item in job.split("resources: ", 1)[1].split("\n", 1)[0].split(", "))
+    assert {k: resources.get(k) for k in ("nodes", "tasks", "mpi", "gres", "tasks_per_gpu", "gpu")} == {
+        "nodes": "2", "tasks": "2", "mpi": "srun", "gres": "gpu:4", "tasks_per_gpu": "0", "gpu": None}
+    assert "-m zhlm.train.launch --nproc-per-node 4 --nodes 2 " in job
+
+
 def test_misspelled_config_key_fails_naming_the_key(tmp_path):
     config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
     config["clean"]["pretrain"]["min_chras"] = config["clean"]["pretrain"].pop("min_chars")

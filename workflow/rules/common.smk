@@ -76,10 +76,13 @@ def training_resources(stage):
     """Resources of a training job. `gpu` is counted by local runs (profiles/default) and
     requested from SLURM (profiles/slurm). A job over several nodes runs its shell once in the
     batch script (the plugin's `mpi` path), and the launcher's srun starts torchrun on each node."""
-    nodes = config[stage]["nodes"]
+    nodes, gpus_per_node = config[stage]["nodes"], gpus(stage)
     if nodes == 1:
-        return {"gpu": gpus(stage)}
-    return {"nodes": nodes, "tasks": nodes, "mpi": "srun", "tasks_per_gpu": 0, "gres": f"gpu:{gpus(stage)}"}
+        return {"gpu": gpus_per_node}
+    resources = {"nodes": nodes, "tasks": nodes, "mpi": "srun"}
+    if gpus_per_node:  # GPUs per node (gres), and no task per GPU: torchrun starts those
+        resources |= {"gres": f"gpu:{gpus_per_node}", "tasks_per_gpu": 0}
+    return resources
 
 
 def script_path(name):
