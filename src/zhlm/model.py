@@ -334,6 +334,8 @@ def load_model(model_dir: str | os.PathLike, device="cpu") -> LlamaModel:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Every file of a stage's model folder (save_pretrained writes them; the training loop writes train_log.csv).
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "train_log.csv")
 
 
 def save_pretrained(model: LlamaModel, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
