@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from zhlm.binarize import binarize
+from zhlm.tokenizer.binarize import binarize
 
 
 def main():

@@ -3,7 +3,7 @@
     python benchmarks/bench_train_generate.py [--layers 6 --width 384 --heads 6 --vocab 8000
                                                --batch 8 --seq 256 --steps 8] [--compile]
 
-Training steps are the pipeline's own: `pretrain.lm_loss`, `loop.make_optimizer`,
+Training steps are the pipeline's own: `pretrain.next_token_loss`, `loop.make_optimizer`,
 gradient clipping, and with --compile the loss function compiled as `loop.train`
 compiles it (the compile time is reported; a rerun takes less, as inductor caches
 its code). MFU is measured against the matmul peak of this machine, measured in
@@ -18,28 +18,29 @@ import time
 import torch
 
 from zhlm.generate import Sampling, generate
-from zhlm.model import LlamaModel, ModelConfig, save_model
+from zhlm.model import LlamaForCausalLM, ModelConfig, save_model
 from zhlm.train.loop import TrainConfig, make_optimizer, matmul_peak_flops
-from zhlm.train.pretrain import lm_loss
+from zhlm.lm import count_labels
+from zhlm.train.pretrain import next_token_loss
 
 
 def train_speed(model, batch, seq, steps, amp, compile_loss):
     """Tokens/s of pretraining steps as `zhlm.train.loop.train` runs them, and the seconds spent compiling.
 
-    The same loss (`pretrain.lm_loss`), optimizer (`make_optimizer`) and, with
+    The same loss (`pretrain.next_token_loss`), optimizer (`make_optimizer`) and, with
     `compile_loss`, the same compiled region (the loss function, model included).
     """
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
-    loss_fn = torch.compile(lm_loss) if compile_loss else lm_loss
+    loss_fn = torch.compile(next_token_loss) if compile_loss else next_token_loss
     x = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
     data = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
     times = []
     for _ in range(steps + 2):  # the first two are warm-up (and compilation)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, count, _ = loss_fn(model, data)
-        (loss / count).backward()
+            loss, _ = loss_fn(model, data)
+        (loss / count_labels(data["labels"])).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -76,7 +77,7 @@ def main():
     config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=int(args.width * 8 / 3),
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, 256))
-    model = LlamaModel(config).to(device)
+    model = LlamaForCausalLM(config).to(device)
     flops_per_token = model.flops_per_token(args.seq)
     print(f"device {device}, threads {torch.get_num_threads()}; model {config.num_parameters() / 1e6:.1f}M parameters, "
           f"{args.layers} layers, width {args.width}, vocab {args.vocab}; batch {args.batch} x {args.seq}")

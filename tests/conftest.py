@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from zhlm.binarize import binarize
+from zhlm.tokenizer.binarize import binarize
 from zhlm.data import demo
 from zhlm.io import write_json, write_parquet
 from zhlm.tokenizer.bpe import build_from_texts, save_tokenizer
@@ -36,7 +36,8 @@ def model_dir(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_model")
     pretrain.run(corpus / "tokens", corpus / "tokenizer", out, out / "_ckpt",
                  model_settings={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                 "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.5},
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.5,
+                                 "max_position_embeddings": 128},
                  settings={"steps": 6, "global_batch": 8, "micro_batch": 8, "seq_len": 128, "lr": 3e-3,
                            "warmup_steps": 2, "eval_every": 6, "checkpoint_every": 6, "eval_windows": 2,
                            "dtype": "fp32"},

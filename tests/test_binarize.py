@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
-from zhlm.binarize import binarize, load_tokens, token_dtype
+from zhlm.tokenizer.binarize import binarize, load_tokens, token_dtype
 from zhlm.io import write_parquet
 
 

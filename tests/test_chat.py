@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from zhlm.chat import ChatSession, TextStream, load
+from zhlm.chat import ChatSession
+from zhlm.inference import TextStream, load
 from zhlm.generate import Sampling, generate
 from zhlm.tokenizer.chat import encode_prompt
 

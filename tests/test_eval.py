@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from zhlm.data import demo
 from zhlm.data.split import item_key
 from zhlm.eval import (
-    bits_per_character, char_f1, choice_accuracy, evaluate_model, evaluate_tasks, exact_match,
+    evaluate_bpc, char_f1, choice_accuracy, evaluate_model, evaluate_tasks, exact_match,
     normalize_answer, polarity_label, preference_accuracy, read_choice_csv, segmentation_f1, task_of,
     unigram_bpc, write_report,
 )
 from zhlm.eval.choice import LETTERS, answer_logps, choice_scores, letter_prompt
 from zhlm.eval.tasks import score_task
-from zhlm.model import LlamaModel, ModelConfig, save_model
+from zhlm.model import LlamaForCausalLM, ModelConfig, save_model
 from zhlm.tokenizer.bpe import build_from_texts, save_tokenizer
 from zhlm.tokenizer.chat import EOT, IGNORE, encode_chat
 
@@ -55,7 +55,7 @@ def model(tokenizer):
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=512, initializer_range=0.2)
-    return LlamaModel(config).eval()
+    return LlamaForCausalLM(config).eval()
 
 
 # --- metrics ---------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_bpc_equals_direct_cross_entropy(model, tokenizer):
             logits = model(window[None, :-1])[0]
         nats += F.cross_entropy(logits.float(), window[1:], reduction="sum").item()
     chars = sum(len(t) for t in texts) + len(texts)
-    out = bits_per_character(model, tokenizer, texts + [""], seq_len=seq_len, batch_size=3)
+    out = evaluate_bpc(model, tokenizer, texts + [""], seq_len=seq_len, batch_size=3)
     assert out["tokens"] == len(stream) - 1 and out["chars"] == chars
     assert out["nats"] == pytest.approx(nats, rel=1e-5)
     assert out["bpc"] == pytest.approx(nats / math.log(2) / chars, rel=1e-5)

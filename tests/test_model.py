@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from zhlm.generate import Sampling, generate, next_tokens
-from zhlm.model import KVCache, LlamaModel, ModelConfig, load_model, save_model
+from zhlm.model import KVCache, LlamaForCausalLM, ModelConfig, load_model, save_model
 
 
 def tiny(tie=True, kv_heads=2, std=0.02):
@@ -11,7 +11,7 @@ def tiny(tie=True, kv_heads=2, std=0.02):
     config = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
                          max_position_embeddings=64, initializer_range=std)
-    return LlamaModel(config).eval()
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("tie,kv_heads", [(True, 2), (False, 4)])

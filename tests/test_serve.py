@@ -11,7 +11,7 @@ import openai
 import pytest
 import uvicorn
 
-from zhlm.chat import TextStream, load
+from zhlm.inference import TextStream, load
 from zhlm.generate import Sampling, generate
 from zhlm.serve import MAX_BODY, Job, create_app
 from zhlm.tokenizer.chat import encode_prompt

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from zhlm.tokenizer.chat import IGNORE, encode_chat
-from zhlm.train.dpo import dpo_losses, make_dpo_loss, sequence_logp
+from zhlm.lm import IGNORE, pad_batch, sequence_logp
+from zhlm.tokenizer.chat import encode_chat
 from zhlm.train import launch
+from zhlm.train.dpo import dpo_losses, make_dpo_loss
 from zhlm.train.loop import TrainConfig, learning_rate
-from zhlm.train.sft import pad_batch
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -121,9 +121,9 @@ def test_dpo_loss_matches_a_hand_computed_value():
 
 def test_dpo_loss_of_a_model_uses_the_summed_answer_log_probabilities():
     torch.manual_seed(0)
-    from zhlm.model import LlamaModel, ModelConfig
+    from zhlm.model import LlamaForCausalLM, ModelConfig
 
-    model = LlamaModel(ModelConfig(vocab_size=50, **MODEL))
+    model = LlamaForCausalLM(ModelConfig(vocab_size=50, **MODEL))
     ids = torch.randint(3, 50, (2, 9))
     labels = ids.clone()
     labels[:, :4] = IGNORE
@@ -132,9 +132,10 @@ def test_dpo_loss_of_a_model_uses_the_summed_answer_log_probabilities():
     assert torch.allclose(sequence_logp(model, ids, labels), by_hand, atol=1e-5)
     batch = {"chosen_ids": ids, "chosen_labels": labels, "rejected_ids": ids.flip(0), "rejected_labels": labels.flip(0),
              "ref_chosen": torch.zeros(2, dtype=torch.float64), "ref_rejected": torch.zeros(2, dtype=torch.float64)}
-    loss, count, metrics = make_dpo_loss(0.1)(model, batch)
+    loss, metrics = make_dpo_loss(0.1)(model, batch)
     expected = -torch.nn.functional.logsigmoid(0.1 * (by_hand - by_hand.flip(0))).sum()
-    assert count == 2 and torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert metrics["reward_accuracy"] == 1.0  # one pair of the two has the higher chosen log-prob
 
 
 def test_learning_rate_schedules():

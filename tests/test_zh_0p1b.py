@@ -24,9 +24,10 @@ import yaml
 from test_workflow import job_counts
 
 from zhlm.data.formats import parse_source
-from zhlm.model import LlamaModel, ModelConfig
+from zhlm.model import LlamaForCausalLM, ModelConfig
 from zhlm.train.loop import TrainConfig, start, train
-from zhlm.train.pretrain import TokenWindows, lm_loss
+from zhlm.train.batches import TokenWindows
+from zhlm.train.pretrain import next_token_loss
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config/zh-0.1b.yaml"
@@ -69,7 +70,7 @@ def expected_parameters(c: ModelConfig) -> int:
 @pytest.fixture(scope="module")
 def model(config):
     torch.manual_seed(0)
-    return LlamaModel(model_config(config))
+    return LlamaForCausalLM(model_config(config))
 
 
 # --- the config itself ----------------------------------------------------------
@@ -199,7 +200,7 @@ def test_one_training_step_on_a_cpu(config, model, tmp_path):
     vocab = model.config.vocab_size
     settings = {**config["pretrain"], "steps": 1, "global_batch": 2, "micro_batch": 1, "seq_len": 32,
                 "warmup_steps": 0, "dtype": "fp32", "compile": False, "device": "cpu", "nproc": 1, "nodes": 1}
-    cfg, device, fingerprint = start({**settings, "model": config["model"]}, [])
+    cfg, device, fingerprint = start(settings, [], extra={"model": config["model"]})
     assert isinstance(cfg, TrainConfig) and device.type == "cpu"
     # The recipe's optimizer settings; only the batch, the warmup and the device are changed.
     for key in ("lr", "weight_decay", "grad_clip", "beta1", "beta2"):
@@ -212,7 +213,7 @@ def test_one_training_step_on_a_cpu(config, model, tmp_path):
                            "model.layers.11.mlp.down_proj.weight", "model.norm.weight")}
     assert len(watched) == 4
 
-    history = train(model, data, lm_loss, cfg, out_dir=tmp_path / "out", ckpt_dir=tmp_path / "ckpt",
+    history = train(model, data, next_token_loss, cfg, out_dir=tmp_path / "out", ckpt_dir=tmp_path / "ckpt",
                     fingerprint=fingerprint, tokens_per_item=settings["seq_len"], progress=False)
 
     assert len(history) == 1

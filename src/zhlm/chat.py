@@ -1,94 +1,15 @@
-"""`zhlm chat`: talk to a model folder in the terminal, the answer streamed token by token.
-
-Also home of what chat and serve share: loading a model folder (weights,
-tokenizer, stop tokens, generation defaults) and turning generated token ids
-into text pieces without splitting a multi-byte character.
-"""
+"""`zhlm chat`: talk to a model folder in the terminal, the answer streamed token by token."""
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
-from tokenizers import Tokenizer
 
 from zhlm.generate import Sampling, stream
-from zhlm.model import LlamaModel, load_model
-from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt
-
-
-def pick_device(name: str = "auto") -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-@dataclass
-class LoadedModel:
-    """A model folder ready to generate: the decoder, its tokenizer, stop tokens, sampling defaults."""
-    model: LlamaModel
-    tokenizer: Tokenizer
-    stop_ids: list[int]
-    defaults: Sampling
-    name: str
-
-    @property
-    def context(self) -> int:
-        return self.model.config.max_position_embeddings
-
-
-def load(model_dir, device: str = "cpu") -> LoadedModel:
-    """Load a Hugging Face model folder (config.json, model.safetensors, tokenizer.json, ...)."""
-    model_dir = Path(model_dir)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"{model_dir}: no {name}; expected a model folder such as results/dpo")
-    model = load_model(model_dir, device).eval()
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    gen_path = model_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    eos = gen.get("eos_token_id", [])
-    eos = eos if isinstance(eos, list) else [eos]
-    # The ChatML end of turn first, then whatever else the folder declares as an end.
-    stop_ids = list(dict.fromkeys(i for i in [*chat_stop_ids(tokenizer), *eos] if i is not None))
-    # Greedy unless the folder asks for sampling, as transformers' generate() does.
-    defaults = Sampling(
-        max_new_tokens=int(gen.get("max_new_tokens", 256)),
-        temperature=float(gen.get("temperature", 1.0)) if gen.get("do_sample") else 0.0,
-        top_p=float(gen.get("top_p", 1.0)),
-        repetition_penalty=float(gen.get("repetition_penalty", 1.0)),
-    )
-    return LoadedModel(model, tokenizer, stop_ids, defaults, model_dir.resolve().name)
-
-
-class TextStream:
-    """Generated token ids in, new text out.
-
-    A byte-level token can end in the middle of a multi-byte character, so the
-    whole answer so far is decoded each time and only complete new text is
-    returned; a trailing replacement character waits for the next token.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        if not text.startswith(self.text):  # cannot happen with a byte-level decoder; stay safe
-            return ""
-        new, self.text = text[len(self.text):], text
-        return new
-
-    def flush(self) -> str:
-        """What is left at the end (bytes that never made a whole character)."""
-        text = self.tokenizer.decode(self.ids)
-        new = text[len(self.text):] if text.startswith(self.text) else ""
-        self.text += new
-        return new
+from zhlm.inference import LoadedModel, TextStream, load
+from zhlm.tokenizer.chat import encode_prompt
 
 
 @dataclass
@@ -104,8 +25,7 @@ class ChatSession:
     def __post_init__(self):
         self.generator = None
         if self.seed is not None:
-            device = next(self.lm.model.parameters()).device
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+            self.generator = torch.Generator(device=self.lm.device).manual_seed(self.seed)
 
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -180,9 +100,8 @@ def run(args) -> int:
         pass
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    device = pick_device(args.device)
     try:
-        lm = load(args.model_dir, device)
+        lm = load(args.model_dir, args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"zhlm chat: {e}", file=sys.stderr)
         return 2
@@ -195,7 +114,7 @@ def run(args) -> int:
     )
     session = ChatSession(lm, sampling, system=args.system, seed=args.seed)
     mode = "greedy" if sampling.temperature <= 0 else f"temperature {sampling.temperature}, top-p {sampling.top_p}"
-    print(f"zhlm chat: {lm.name} on {device}, {lm.context}-token context, {mode}.\n{HELP}", flush=True)
+    print(f"zhlm chat: {lm.name} on {lm.device}, {lm.context}-token context, {mode}.\n{HELP}", flush=True)
     while True:
         try:
             line = input(">>> ")

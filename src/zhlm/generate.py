@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from zhlm.model import KVCache, LlamaModel
+from zhlm.model import KVCache, LlamaForCausalLM
 
 
 @dataclass
@@ -44,7 +44,7 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 
 
 @torch.inference_mode()
-def stream(model: LlamaModel, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
+def stream(model: LlamaForCausalLM, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
            generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step by step, until all rows stopped.
 
@@ -101,7 +101,7 @@ def stream(model: LlamaModel, prompts: list[list[int]], sampling: Sampling, *, s
             logits = model(feed, cache=cache)[:, -1]
 
 
-def generate(model: LlamaModel, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
+def generate(model: LlamaForCausalLM, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
              generator: torch.Generator | None = None) -> list[list[int]]:
     """The new tokens of each prompt (a stop token, if reached, is not included)."""
     out: list[list[int]] = [[] for _ in prompts]

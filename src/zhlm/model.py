@@ -6,7 +6,7 @@ config keys are HF's, so a saved folder loads in `transformers` unchanged and
 gives the same logits. Attention goes through `scaled_dot_product_attention`,
 except bf16 training on a CPU, where an explicit softmax attention is faster.
 Decoding with a KV cache multiplies by transposed, stacked copies of the weights
-(`LlamaModel.inference_weights`), which small-batch matmuls run much faster.
+(`LlamaForCausalLM.inference_weights`), which small-batch matmuls run much faster.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class ModelConfig:
     num_hidden_layers: int = 6
     num_attention_heads: int = 6
     num_key_value_heads: int = 6
-    max_position_embeddings: int = 1024
+    max_position_embeddings: int = 256
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
@@ -154,17 +154,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, K * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, h, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, frozen=None):
-        """`frozen`: the (q|k|v, o) weights from LlamaModel.inference_weights, or None."""
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, stacked=None):
+        """x: (B, T, hidden) -> (B, T, hidden).
+
+        `stacked`: the (q|k|v, o) weights from LlamaForCausalLM.inference_weights, or None.
+        """
         B, T, _ = x.shape
         H, K, hd = self.heads, self.kv_heads, self.head_dim
-        if frozen is None:
+        if stacked is None:
             q, k, v = (proj(x).view(B, T, -1, hd) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = (x @ frozen[0]).view(B, T, H + 2 * K, hd).split((H, K, K), dim=2)
+        else:  # one matmul for q, k and v: (B, T, hidden) @ (hidden, (H + 2K)·hd)
+            q, k, v = (x @ stacked[0]).view(B, T, H + 2 * K, hd).split((H, K, K), dim=2)
+        # (B, T, heads, hd) -> (B, heads, T, hd): attention runs per head over T.
         q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        if cache is not None:
+        if cache is not None:  # k, v become (B, K, cached + T, hd)
             k, v = cache.update(layer, k, v)
         if mask is None and cache is None and T > 1 and use_explicit_attention(q):
             y = explicit_causal_attention(q, k, v)
@@ -172,8 +176,8 @@ class Attention(nn.Module):
             # Without a mask: causal over the sequence, or a single new token that sees the whole cache.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=H != K)
-        y = y.transpose(1, 2).reshape(B, T, H * hd)
-        return self.o_proj(y) if frozen is None else y @ frozen[1]
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # heads side by side again
+        return self.o_proj(y) if stacked is None else y @ stacked[1]
 
 
 class MLP(nn.Module):
@@ -183,12 +187,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x, frozen=None):
-        """`frozen`: the (gate|up, down) weights from LlamaModel.inference_weights, or None."""
-        if frozen is None:
+    def forward(self, x, stacked=None):
+        """`stacked`: the (gate|up, down) weights from LlamaForCausalLM.inference_weights, or None."""
+        if stacked is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = (x @ frozen[0]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ frozen[1]
+        gate, up = (x @ stacked[0]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ stacked[1]
 
 
 class DecoderLayer(nn.Module):
@@ -199,13 +203,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer, frozen=None):
-        attn, mlp = (None, None) if frozen is None else (frozen[:2], frozen[2:])
+    def forward(self, x, cos, sin, mask, cache, layer, stacked=None):
+        attn, mlp = (None, None) if stacked is None else (stacked[:2], stacked[2:])
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, attn)
         return x + self.mlp(self.post_attention_layernorm(x), mlp)
 
 
-class Backbone(nn.Module):
+class LlamaModel(nn.Module):
+    """The decoder stack without its head: embeddings, layers, final norm (transformers' `LlamaModel`)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -213,13 +219,13 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LlamaModel(nn.Module):
-    """The decoder. Named `model.*` / `lm_head` inside, as `LlamaForCausalLM` is."""
+class LlamaForCausalLM(nn.Module):
+    """The decoder stack (`model`) and the language-model head (`lm_head`), as in transformers."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Backbone(config)
+        self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -255,16 +261,16 @@ class LlamaModel(nn.Module):
         if mask is None and start > 0 and T > 1:
             # Causal within the new tokens, full view of the cache.
             mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
-        frozen = self.inference_weights() if cache is not None else None
-        x = self.model.embed_tokens(input_ids)
+        stacked = self.inference_weights() if cache is not None else None
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i, None if frozen is None else frozen[i])
+            x = layer(x, cos, sin, mask, cache, i, None if stacked is None else stacked[i])
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
-        if last_only:
+        if last_only:  # decoding needs only the next token's logits: (B, 1, V), not (B, T, V)
             x = x[:, -1:]
-        return self.lm_head(x) if frozen is None else x @ frozen[-1]
+        return self.lm_head(x) if stacked is None else x @ stacked[-1]
 
     def inference_weights(self) -> list | None:
         """The matmul weights transposed and contiguous, for decoding (a KV cache, no autograd).
@@ -287,12 +293,12 @@ class LlamaModel(nn.Module):
             with torch.no_grad():
                 def t(*weights):
                     return torch.cat(weights).t().contiguous()
-                frozen = []
+                stacked = []
                 for layer in self.model.layers:
                     a, m = layer.self_attn, layer.mlp
-                    frozen.append((t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), t(a.o_proj.weight),
+                    stacked.append((t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), t(a.o_proj.weight),
                                    t(m.gate_proj.weight, m.up_proj.weight), t(m.down_proj.weight)))
-                self._inference_weights = frozen + [t(self.lm_head.weight)]
+                self._inference_weights = stacked + [t(self.lm_head.weight)]
             self._inference_key = key
         return self._inference_weights
 
@@ -306,7 +312,7 @@ class LlamaModel(nn.Module):
         return 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
-def save_model(model: LlamaModel, out_dir: str | os.PathLike) -> None:
+def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike) -> None:
     """config.json + model.safetensors, each written atomically."""
     from safetensors.torch import save_file
 
@@ -319,12 +325,12 @@ def save_model(model: LlamaModel, out_dir: str | os.PathLike) -> None:
         save_file(state, str(tmp), metadata={"format": "pt"})
 
 
-def load_model(model_dir: str | os.PathLike, device="cpu") -> LlamaModel:
+def load_model(model_dir: str | os.PathLike, device="cpu") -> LlamaForCausalLM:
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
     config = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
-    model = LlamaModel(config)
+    model = LlamaForCausalLM(config)
     state = load_file(str(model_dir / "model.safetensors"), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -338,7 +344,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "train_log.csv")
 
 
-def save_pretrained(model: LlamaModel, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
                     *, eos_token_ids: list[int], max_new_tokens: int = 256) -> None:
     """A complete Hugging Face model folder: weights, config, generation config, tokenizer files."""
     import shutil

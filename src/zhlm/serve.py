@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zhlm.chat import LoadedModel, TextStream, load, pick_device
+from zhlm.inference import LoadedModel, TextStream, load
 from zhlm.generate import Sampling, stream
 from zhlm.tokenizer.chat import ROLES, encode_prompt
 
@@ -202,8 +202,7 @@ class Engine:
         sampling = replace(first.sampling, max_new_tokens=max(job.max_tokens for job in batch))
         generator = None
         if first.seed is not None and first.sampling.temperature > 0:
-            device = next(self.lm.model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(first.seed)
+            generator = torch.Generator(device=self.lm.device).manual_seed(first.seed)
         steps = stream(self.lm.model, [job.prompt for job in batch], sampling, stop_ids=self.lm.stop_ids,
                        generator=generator)
         try:
@@ -346,7 +345,7 @@ def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", ma
     """The API over the model in `model_dir`. The model worker starts now and stops with the app."""
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
-    lm = load(model_dir, pick_device(device))
+    lm = load(model_dir, device)
     engine = Engine(lm, max_batch=max_batch)
     created = int(time.time())
 
@@ -462,15 +461,14 @@ def run(args) -> int:
     """`zhlm serve`: load the model and serve until Ctrl-C."""
     import uvicorn
 
-    device = pick_device(args.device)
     try:
-        app = create_app(args.model_dir, api_key=args.api_key or None, device=device, max_batch=args.max_batch)
+        app = create_app(args.model_dir, api_key=args.api_key or None, device=args.device, max_batch=args.max_batch)
     except (FileNotFoundError, ValueError) as e:
         print(f"zhlm serve: {e}")
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
-    print(f"zhlm serve: {app.state.engine.lm.name} on {device}, "
+    print(f"zhlm serve: {app.state.engine.lm.name} on {app.state.engine.lm.device}, "
           f"OpenAI API at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=os.environ.get("ZHLM_LOG_LEVEL", "info"))
     return 0

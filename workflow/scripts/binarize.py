@@ -1,5 +1,5 @@
 """Encode the pretraining splits into uint16/uint32 token files and meta.json."""
-from zhlm.binarize import binarize
+from zhlm.tokenizer.binarize import binarize
 from zhlm.io import setup_logging, write_json
 
 log = setup_logging(snakemake.log[0])

@@ -11,8 +11,8 @@ import math
 import numpy as np
 from tokenizers import Tokenizer
 
+from zhlm.lm import bits_per_character, stream_nats
 from zhlm.tokenizer.chat import EOT
-from zhlm.train.pretrain import bits_per_character as _bits, stream_nats
 
 
 def token_stream(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
@@ -28,8 +28,7 @@ def token_stream(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def bits_per_character(model, tokenizer: Tokenizer, texts: list[str], *, seq_len: int,
-                       batch_size: int = 8) -> dict:
+def evaluate_bpc(model, tokenizer: Tokenizer, texts: list[str], *, seq_len: int, batch_size: int = 8) -> dict:
     """Bits per character of `texts` under the model.
 
     Characters: those of the texts plus one per document for its <|endoftext|>
@@ -42,7 +41,7 @@ def bits_per_character(model, tokenizer: Tokenizer, texts: list[str], *, seq_len
     tokens = token_stream(tokenizer, texts)
     nats, predicted = stream_nats(model, tokens, seq_len, batch_size)
     chars = sum(len(t) for t in texts) + len(texts)
-    return {"bpc": _bits(nats, chars), "nats": nats, "tokens": predicted, "chars": chars,
+    return {"bpc": bits_per_character(nats, chars), "nats": nats, "tokens": predicted, "chars": chars,
             "documents": len(texts), "tokens_per_char": predicted / chars}
 
 
@@ -50,7 +49,7 @@ def unigram_bpc(train_texts: list[str], val_texts: list[str]) -> float:
     """Bits per character of an add-one-smoothed character unigram model (a baseline).
 
     The symbols are the characters of both sets plus an end-of-document symbol,
-    one per document, counted as in bits_per_character; smoothing gives unseen
+    one per document, counted as in evaluate_bpc; smoothing gives unseen
     validation characters their share of the mass.
     """
     end = None  # the end-of-document symbol; no character equals it

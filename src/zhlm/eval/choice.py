@@ -18,8 +18,8 @@ import os
 import torch
 from tokenizers import Tokenizer
 
-from zhlm.eval.preference import sequence_scores
-from zhlm.tokenizer.chat import EOT, IGNORE, IM_END, encode_chats, encode_prompt
+from zhlm.lm import IGNORE, sequence_scores
+from zhlm.tokenizer.chat import EOT, IM_END, encode_chats, encode_prompt
 
 LETTERS = ("A", "B", "C", "D")
 LETTER_INSTRUCTION = "请直接回答正确选项的字母。"

@@ -6,36 +6,10 @@ log-probabilities and no reference model, so SFT and DPO models compare directly
 """
 from __future__ import annotations
 
-import torch
 from tokenizers import Tokenizer
 
-from zhlm.tokenizer.chat import EOT, IGNORE, encode_chats
-from zhlm.train.dpo import sequence_logp
-from zhlm.train.sft import pad_batch
-
-
-@torch.no_grad()
-def sequence_scores(model, examples: list[tuple[list[int], list[int]]], pad_id: int,
-                    batch_size: int = 8) -> list[tuple[float, int]]:
-    """(summed log-prob of the labelled tokens, their count) of each (ids, labels) example.
-
-    Examples are batched by length to waste little on padding; right padding
-    does not change the log-probs of the tokens before it.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    for first in range(0, len(order), batch_size):
-        batch = order[first:first + batch_size]
-        padded = pad_batch([examples[i] for i in batch], pad_id)
-        logp = sequence_logp(model, padded["input_ids"].to(device), padded["labels"].to(device))
-        counts = (padded["labels"] != IGNORE).sum(-1)
-        for i, lp, n in zip(batch, logp.tolist(), counts.tolist()):
-            out[i] = (lp, n)
-    model.train(was_training)
-    return out
+from zhlm.lm import sequence_scores
+from zhlm.tokenizer.chat import EOT, encode_chats
 
 
 def preference_accuracy(model, tokenizer: Tokenizer, pairs: list[dict], *, batch_size: int = 8) -> dict:

@@ -6,20 +6,21 @@ multiple choice, and sample answers to a fixed set of prompts.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
 from zhlm.data.split import split_point
-from zhlm.eval.bpc import bits_per_character, unigram_bpc
+from zhlm.eval.bpc import evaluate_bpc, unigram_bpc
 from zhlm.eval.choice import choice_accuracy
 from zhlm.eval.preference import preference_accuracy
 from zhlm.eval.tasks import answer_prompts, evaluate_tasks, select_rows
+from zhlm.inference import load
 from zhlm.io import read_parquet
-from zhlm.model import load_model
 
 SAMPLE_PROMPTS = (
     "你好，请介绍一下你自己。",
@@ -30,17 +31,20 @@ SAMPLE_PROMPTS = (
     "推荐三本值得一读的书，并简单说明理由。",
 )
 
-DEFAULT_SETTINGS = {
-    "max_task_items": 50,      # per task
-    "max_bpc_chars": 200_000,
-    "max_pairs": 200,
-    "max_choice": 200,         # per choice set
-    "max_new_tokens": 64,
-    "sample_max_new_tokens": 128,
-    "samples_per_task": 1,
-    "batch_size": 8,
-    "device": "cpu",
-}
+
+@dataclass
+class EvalConfig:
+    """The schema's `eval` settings, with its defaults (a test holds the two together).
+    A limit of None means everything."""
+    max_task_items: int | None = 100     # held-out items scored per task
+    max_bpc_chars: int | None = 200_000  # held-out characters scored for bits per character
+    max_pairs: int | None = 200
+    max_choice: int | None = 200         # per choice set
+    max_new_tokens: int = 64
+    sample_max_new_tokens: int = 128
+    samples_per_task: int = 1
+    batch_size: int = 16
+    device: str = "auto"
 
 
 def _first(rows: list[dict] | None, limit: int | None) -> list[dict]:
@@ -80,27 +84,20 @@ def sample_answers(model, tokenizer: Tokenizer, task_rows: list[dict] | None, *,
 def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[str],
                    train_texts_for_baseline: list[str] | None = None, task_rows: list[dict] | None = None,
                    pairs: list[dict] | None = None, choice_sets: dict[str, list[dict]] | None = None,
-                   seq_len: int, settings: dict | None = None,
-                   tokenizer_path: str | os.PathLike | None = None) -> dict:
-    """Run every evaluation that applies to `stage` on the model in `model_dir`.
+                   seq_len: int, settings: dict | None = None) -> dict:
+    """Run every evaluation that applies to `stage` on the model folder `model_dir`.
 
-    The tokenizer is `model_dir/tokenizer.json` unless `tokenizer_path` (a file
-    or a folder) says otherwise. `settings` overrides DEFAULT_SETTINGS; limits of
-    None mean everything.
+    settings: EvalConfig fields; those left out take its defaults.
     """
-    s = {**DEFAULT_SETTINGS, **(settings or {})}
-    model_dir = Path(model_dir)
-    tokenizer_file = Path(tokenizer_path) if tokenizer_path else model_dir
-    if tokenizer_file.is_dir():
-        tokenizer_file = tokenizer_file / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    model = load_model(model_dir, device=s["device"]).eval()
+    s = EvalConfig(**(settings or {}))
+    lm = load(model_dir, s.device)
+    model, tokenizer = lm.model, lm.tokenizer
     # Windows longer than the context would score positions the model never trained on.
-    seq_len = min(seq_len, model.config.max_position_embeddings)
-    bs = s["batch_size"]
+    seq_len = min(seq_len, lm.context)
+    bs = s.batch_size
     result: dict = {"stage": stage, "model_dir": str(model_dir),
                     "parameters": sum(p.numel() for p in model.parameters()),
-                    "settings": s, "seq_len": seq_len, "seconds": {}}
+                    "settings": dataclasses.asdict(s), "seq_len": seq_len, "seconds": {}}
 
     def timed(name, fn):
         t0 = time.perf_counter()
@@ -108,9 +105,8 @@ def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[
         result["seconds"][name] = round(time.perf_counter() - t0, 2)
         return value
 
-    texts = _text_budget(val_texts, s["max_bpc_chars"])
-    result["bpc"] = timed("bpc", lambda: bits_per_character(model, tokenizer, texts, seq_len=seq_len,
-                                                            batch_size=bs))
+    texts = _text_budget(val_texts, s.max_bpc_chars)
+    result["bpc"] = timed("bpc", lambda: evaluate_bpc(model, tokenizer, texts, seq_len=seq_len, batch_size=bs))
     if train_texts_for_baseline:
         result["unigram_bpc"] = timed("unigram", lambda: unigram_bpc(train_texts_for_baseline, texts))
     if stage == "pretrain":
@@ -118,19 +114,19 @@ def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[
 
     if task_rows:
         metrics, answers = timed("tasks", lambda: evaluate_tasks(
-            model, tokenizer, task_rows, max_new_tokens=s["max_new_tokens"], batch_size=bs,
-            per_task_limit=s["max_task_items"]))
+            model, tokenizer, task_rows, max_new_tokens=s.max_new_tokens, batch_size=bs,
+            per_task_limit=s.max_task_items))
         result["tasks"], result["task_answers"] = metrics, answers
     if pairs:
         result["preference"] = timed("preference", lambda: preference_accuracy(
-            model, tokenizer, _first(pairs, s["max_pairs"]), batch_size=bs))
+            model, tokenizer, _first(pairs, s.max_pairs), batch_size=bs))
     for name, rows in (choice_sets or {}).items():
-        subset = _first(rows, s["max_choice"])
+        subset = _first(rows, s.max_choice)
         result.setdefault("choice", {})[name] = timed(
             f"choice:{name}", lambda: choice_accuracy(model, tokenizer, subset, batch_size=bs))
     result["samples"] = timed("samples", lambda: sample_answers(
-        model, tokenizer, task_rows, per_task=s["samples_per_task"],
-        max_new_tokens=s["sample_max_new_tokens"], batch_size=bs))
+        model, tokenizer, task_rows, per_task=s.samples_per_task,
+        max_new_tokens=s.sample_max_new_tokens, batch_size=bs))
     return result
 
 

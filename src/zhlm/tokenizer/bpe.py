@@ -17,10 +17,10 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from zhlm.io import atomic_path, write_json
+from zhlm.tokenizer.chat import EOT, IM_END, IM_START
 from zhlm.tokenizer.word_counts import count_words, load_word_counts
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-EOS_TOKEN = SPECIAL_TOKENS[0]
+SPECIAL_TOKENS = [EOT, IM_START, IM_END]
 
 # ChatML, as in Qwen: each message is <|im_start|>{role}\n{content}<|im_end|>\n
 CHAT_TEMPLATE = (
@@ -265,9 +265,9 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, model_ma
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
         "additional_special_tokens": SPECIAL_TOKENS[1:],
-        "bos_token": EOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "pad_token": EOT,
         "unk_token": None,
         "add_bos_token": False,
         "add_eos_token": False,
@@ -278,8 +278,8 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, model_ma
         "chat_template": CHAT_TEMPLATE,
     }, out / "tokenizer_config.json")
     write_json({
-        "bos_token": EOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "pad_token": EOT,
         "additional_special_tokens": SPECIAL_TOKENS[1:],
     }, out / "special_tokens_map.json")

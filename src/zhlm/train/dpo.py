@@ -10,22 +10,14 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from zhlm.io import read_parquets
+from zhlm.lm import check_context, pad_batch, sequence_logp
 from zhlm.model import load_model, save_pretrained
-from zhlm.tokenizer.chat import IGNORE, chat_stop_ids, encode_chats, messages_of
+from zhlm.tokenizer.chat import chat_stop_ids, encode_chats, messages_of
 from zhlm.train import distributed
+from zhlm.train.batches import Examples
 from zhlm.train.loop import finish, start, train
-from zhlm.train.pretrain import check_context
-from zhlm.train.sft import Examples, pad_batch
 
 log = logging.getLogger("zhlm.dpo")
-
-
-def sequence_logp(model, input_ids, labels) -> torch.Tensor:
-    """Summed log-probability of the labelled tokens of each row."""
-    logits = model(input_ids).float()
-    mask = labels != IGNORE
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return (logp * mask).sum(-1)
 
 
 def collate_pairs(pairs, pad_id: int) -> dict[str, torch.Tensor]:
@@ -45,6 +37,7 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
 
 
 def make_dpo_loss(beta: float):
+    """The DPO loss summed over the batch's pairs (the unit the pairs' batch source counts)."""
     def loss_fn(model, batch):
         chosen = sequence_logp(model, batch["chosen_ids"], batch["chosen_labels"])
         rejected = sequence_logp(model, batch["rejected_ids"], batch["rejected_labels"])
@@ -52,7 +45,7 @@ def make_dpo_loss(beta: float):
                                     batch["ref_rejected"].to(chosen.dtype), beta)
         margin = margin.detach()
         metrics = {"reward_accuracy": float((margin > 0).sum()), "reward_margin": float(margin.sum())}
-        return losses.sum(), len(losses), metrics
+        return losses.sum(), metrics
     return loss_fn
 
 
@@ -106,20 +99,22 @@ def run(sft_dir, tokenizer_dir, pair_files: list, out_dir, ckpt_dir, *, settings
 
     pair_files: parquet files of (id, prompt, chosen, rejected[, split]); their rows with
     split == "eval", and every row of eval_files, are held out and scored.
-    settings: TrainConfig fields plus beta and seq_len.
+    settings: TrainConfig fields (beta, seq_len).
     """
     sft_dir = Path(sft_dir)
-    cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", *pair_files, *eval_files])
+    tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
+    cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", tokenizer_file,
+                                                *pair_files, *eval_files])
     policy = load_model(sft_dir, device)
     reference = load_model(sft_dir, device).eval().requires_grad_(False)
-    tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     rows = read_parquets(pair_files).to_pylist()
     train_rows = [r for r in rows if r.get("split") != "eval"]
     eval_rows = [r for r in rows if r.get("split") == "eval"]
     if eval_files:
         eval_rows += read_parquets(eval_files).to_pylist()
-    check_context(policy.config, settings["seq_len"])
-    pad, beta, max_len = policy.config.pad_token_id, settings["beta"], settings["seq_len"] + 1
+    check_context(policy.config, cfg.seq_len)
+    pad, beta, max_len = policy.config.pad_token_id, cfg.beta, cfg.seq_len + 1
 
     def with_reference(pair_rows):
         encoded = encode_pairs(tokenizer, pair_rows, max_len)
@@ -131,7 +126,7 @@ def run(sft_dir, tokenizer_dir, pair_files: list, out_dir, ckpt_dir, *, settings
     log.info("%d training pairs, %d held-out pairs", len(items), len(eval_items))
     mean_len = float(np.mean([len(c[0]) + len(r[0]) - 2 for c, r, _, _ in items]))
     data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
-                    count=lambda b: len(b["ref_chosen"]))
+                    count=lambda b: len(b["ref_chosen"]))  # pairs
     history = train(policy, data, make_dpo_loss(beta), cfg, out_dir=out_dir, ckpt_dir=ckpt_dir,
                     fingerprint=fingerprint,
                     evaluate=(lambda m: reward_metrics(m, eval_items, beta, pad)) if eval_items else None,

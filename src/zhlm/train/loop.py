@@ -1,11 +1,11 @@
 """One training loop for pretraining, SFT and DPO.
 
-A stage supplies a `data` object whose `global_batch(step)` returns the whole
-global batch of that step as a dict of tensors (so the data position is the
-step, and a resumed run sees exactly the batches an uninterrupted run sees),
-and a `loss_fn(model, batch) -> (loss_sum, count, metrics)`. The loop divides
-by the count of the whole global batch, so the gradient does not depend on
-how the batch is cut into micro-batches and processes.
+A stage supplies a batch source (`zhlm.train.batches.BatchSource`: the global
+batch of each step, and the count of loss units in a batch) and a
+`loss_fn(model, batch) -> (loss_sum, metrics)`: the loss summed over the units
+the batch source counts, and summed metrics. Each optimizer step divides by the
+count of the whole global batch, so the gradient does not depend on how the
+batch is cut into micro-batches and processes; metrics are divided the same way.
 """
 from __future__ import annotations
 
@@ -26,20 +26,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from zhlm.inference import pick_device
 from zhlm.io import atomic_path
 from zhlm.train import distributed
+from zhlm.train.batches import Batch, BatchSource
+
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 log = logging.getLogger("zhlm.train")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    """One training stage's settings: the schema's `training` definition, with its defaults
+    (workflow/schemas/config.schema.yaml is the source; a test holds the two together)."""
+    steps: int = 200
     global_batch: int = 32          # sequences (or pairs) per optimizer step, over all processes
     micro_batch: int = 8            # sequences per forward/backward on one process
+    seq_len: int = 256              # tokens per training window / longest example
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     schedule: str = "cosine"        # cosine | wsd (warmup-stable-decay)
     decay_fraction: float = 0.2     # wsd: share of steps spent decaying
     weight_decay: float = 0.1
@@ -47,11 +54,16 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 1234
-    dtype: str = "auto"             # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
+    dtype: str = "auto"             # auto (bf16 on a GPU that has it or a CPU with AMX, else fp32) | bf16 | fp32
     compile: bool = False
-    eval_every: int = 100
-    checkpoint_every: int = 100
     device: str = "auto"
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    nproc: int = 1                  # processes per node (the launcher's; here for the fingerprint)
+    nodes: int = 1
+    eval_windows: int = 32          # pretrain: validation windows per evaluation
+    eval_examples: int = 256        # sft: held-out conversations per evaluation
+    beta: float = 0.1               # dpo: strength of the KL constraint
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd"):
@@ -70,14 +82,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if step < decay_start:
         return cfg.lr
     return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / max(1, cfg.steps - decay_start)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", distributed.local_rank())
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -120,23 +124,24 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              fused=device.type in ("cuda", "cpu"))
 
 
-def start(settings: dict, inputs: list) -> tuple[TrainConfig, torch.device, str]:
-    """Join torchrun's process group, seed every RNG, pick the device, and name the run.
+def start(settings: dict, inputs: list, extra: dict | None = None) -> tuple[TrainConfig, torch.device, str]:
+    """Read the settings, join torchrun's process group, seed every RNG, pick the device, and name the run.
 
-    `settings` holds the TrainConfig fields and may hold stage options besides;
-    the fingerprint covers all of them and the inputs' sizes and mtimes.
+    The fingerprint that names the run covers the settings, `extra` (say, the
+    model's shape) and the inputs' sizes and mtimes: a checkpoint of another run
+    is not resumed.
     """
     import hashlib
     import json
 
+    cfg = TrainConfig(**settings)
     distributed.init()
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in names})
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     stamp = [(str(p), os.path.getsize(p), os.path.getmtime(p)) for p in inputs]
-    fingerprint = hashlib.sha256(json.dumps([settings, stamp], sort_keys=True, default=str).encode()).hexdigest()
+    run = [dataclasses.asdict(cfg), extra, stamp]
+    fingerprint = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
     return cfg, pick_device(cfg.device), fingerprint
 
 
@@ -219,7 +224,55 @@ def write_log(history: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
-def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, out_dir, ckpt_dir,
+def resume(ckpt: Path, model, optimizer, fingerprint: str) -> tuple[int, list[dict]]:
+    """(step, history) of the checkpoint of this run, or (0, []) when there is none."""
+    if not ckpt.exists():
+        return 0, []
+    step, history = load_checkpoint(ckpt, model, optimizer, fingerprint)
+    if step:
+        log.info("resumed from %s at step %d", ckpt, step)
+    else:
+        log.info("ignoring %s: it was written by a run with other settings or inputs", ckpt)
+    return step, history
+
+
+def optimizer_step(model, wrapped, optimizer, data: BatchSource, compute_loss: LossFn, cfg: TrainConfig,
+                   step: int, autocast) -> dict:
+    """One optimizer step on the global batch of `step`: this process's rows, in micro-batches.
+
+    Returns the step's log row: loss and metrics per unit of the global batch, lr, grad norm.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    device = next(model.parameters()).device
+    per_rank = cfg.global_batch // world
+    batch = data.global_batch(step)
+    mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}  # (per_rank, ...)
+    total = distributed.all_sum(float(data.count(mine)), device)  # loss units in the global batch
+    lr = learning_rate(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, metrics = 0.0, {}
+    model.train()
+    micro_steps = per_rank // cfg.micro_batch
+    for m in range(micro_steps):
+        micro = {k: v[m * cfg.micro_batch:(m + 1) * cfg.micro_batch].to(device) for k, v in mine.items()}
+        # Gradients are all-reduced once, after the last micro-batch.
+        with distributed.no_sync(wrapped, m < micro_steps - 1), autocast():
+            part, part_metrics = compute_loss(wrapped, micro)
+            # DDP averages gradients over processes; the loss is already normalised
+            # by the global count, so scale it back to a sum.
+            (part * world / total).backward()
+        loss_sum += part.item()
+        for k, v in part_metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    row = {"step": step + 1, "loss": distributed.all_sum(loss_sum, device) / total, "lr": lr, "grad_norm": grad_norm}
+    return row | {k: distributed.all_sum(v, device) / total for k, v in metrics.items()}
+
+
+def train(model: torch.nn.Module, data: BatchSource, loss_fn: LossFn, cfg: TrainConfig, *, out_dir, ckpt_dir,
           fingerprint: str = "", evaluate: Callable[[torch.nn.Module], dict] | None = None,
           flops_per_item: float = 0.0, tokens_per_item: float = 0.0, progress: bool = True) -> list[dict]:
     """Train `model` for cfg.steps, resuming from `ckpt_dir` if a checkpoint of the same run is there.
@@ -231,19 +284,13 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
     """
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     rank, world = distributed.rank(), distributed.world_size()
-    device = next(model.parameters()).device
     if cfg.global_batch % (cfg.micro_batch * world):
         raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch × processes "
                          f"({cfg.micro_batch} × {world})")
+    device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg, device)
     ckpt = ckpt_dir / "last.pt"
-    step, history = 0, []
-    if ckpt.exists():
-        step, history = load_checkpoint(ckpt, model, optimizer, fingerprint)
-        if step:
-            log.info("resumed from %s at step %d", ckpt, step)
-        else:
-            log.info("ignoring %s: it was written by a run with other settings or inputs", ckpt)
+    step, history = resume(ckpt, model, optimizer, fingerprint)
     amp = autocast_dtype(cfg, device)
     peak = matmul_peak_flops(device, amp or torch.float32) if flops_per_item else 0.0
     wrapped = distributed.wrap(model, device)
@@ -251,8 +298,6 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
     # vocabulary fuse with the lm_head instead of materialising float32 logits and
     # their gradient.
     compute_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
-    per_rank = cfg.global_batch // world
-    micro_steps = per_rank // cfg.micro_batch
 
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp else nullcontext()
@@ -262,35 +307,11 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
     with _SignalFlag() as stop:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = data.global_batch(step)
-            mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
-            total = distributed.all_sum(float(data.count(mine)), device)
-            lr = learning_rate(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, metrics = 0.0, {}
-            model.train()
-            for m in range(micro_steps):
-                micro = {k: v[m * cfg.micro_batch:(m + 1) * cfg.micro_batch].to(device) for k, v in mine.items()}
-                sync = m == micro_steps - 1
-                with distributed.no_sync(wrapped, not sync), autocast():
-                    part, _, part_metrics = compute_loss(wrapped, micro)
-                    # DDP averages gradients over processes; the loss is already normalised
-                    # by the global count, so scale it back to a sum.
-                    (part * world / total).backward()
-                loss_sum += part.item()
-                for k, v in part_metrics.items():
-                    metrics[k] = metrics.get(k, 0.0) + v
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            row = optimizer_step(model, wrapped, optimizer, data, compute_loss, cfg, step, autocast)
             step += 1
-            loss = distributed.all_sum(loss_sum, device) / total
             seconds = time.perf_counter() - t0
-            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_per_item * cfg.global_batch / seconds,
-                   "mfu": flops_per_item * cfg.global_batch / seconds / (peak * world) if peak else None}
-            row |= {k: distributed.all_sum(v, device) / total for k, v in metrics.items()}
+            row["tokens_per_s"] = tokens_per_item * cfg.global_batch / seconds
+            row["mfu"] = flops_per_item * cfg.global_batch / seconds / (peak * world) if peak else None
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row |= evaluate(model)
             history.append(row)
@@ -301,7 +322,7 @@ def train(model: torch.nn.Module, data, loss_fn: Callable, cfg: TrainConfig, *, 
                 write_log(history, out_dir)
             # After the checkpoint: on a signal, the terminal may be gone.
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                             mfu=f"{row['mfu']:.1%}" if row["mfu"] else "-")
             if stopping:
                 distributed.barrier()

@@ -10,8 +10,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from zhlm.io import atomic_path, sha256_file
-
-EOT = "<|endoftext|>"
+from zhlm.tokenizer.chat import EOT
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -8,17 +8,30 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from pathlib import Path
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from zhlm.generate import Sampling, generate
+from zhlm.inference import load
 from zhlm.io import read_parquet
-from zhlm.model import load_model
 from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
+
+
+@dataclass
+class RolloutConfig:
+    """The schema's `rollouts` settings, with its defaults (a test holds the two together)."""
+    max_prompts: int = 2000          # DPO prompts answered (the first by id)
+    batch_size: int = 32
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    max_similarity: float = 0.9      # pairs whose answers are at least this similar are dropped
+    eval_fraction: float = 0.1       # share of pairs held out to score DPO
+    seed: int = 0
+    device: str = "auto"
 
 
 def similarity(a: str, b: str) -> float:
@@ -75,12 +88,10 @@ def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_siz
 
 
 def run(model_dir, prompts_parquet, *, settings: dict, progress: bool = True) -> tuple[pa.Table, dict]:
-    """Rollouts of the model in model_dir on the first settings["max_prompts"] prompts (by id)."""
-    model = load_model(model_dir, "cuda" if torch.cuda.is_available() else "cpu").eval()
-    tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    rows = sorted(read_parquet(prompts_parquet).to_pylist(), key=lambda r: r["id"])[:settings["max_prompts"]]
-    sampling = Sampling(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
-                        top_p=settings["top_p"])
-    return rollout(model, tokenizer, rows, sampling, batch_size=settings["batch_size"], seed=settings["seed"],
-                   max_similarity=settings["max_similarity"], eval_fraction=settings["eval_fraction"],
-                   progress=progress)
+    """Rollouts of the model in model_dir on the first max_prompts prompts (by id); settings: RolloutConfig."""
+    cfg = RolloutConfig(**settings)
+    lm = load(model_dir, cfg.device)
+    rows = sorted(read_parquet(prompts_parquet).to_pylist(), key=lambda r: r["id"])[:cfg.max_prompts]
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    return rollout(lm.model, lm.tokenizer, rows, sampling, batch_size=cfg.batch_size, seed=cfg.seed,
+                   max_similarity=cfg.max_similarity, eval_fraction=cfg.eval_fraction, progress=progress)

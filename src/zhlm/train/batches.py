@@ -1,0 +1,80 @@
+"""Batch sources: what the training loop draws each step's global batch from.
+
+A batch source has two methods (`BatchSource`):
+
+- `global_batch(step)`: the whole global batch of that step, a dict of tensors
+  whose first dimension is the batch. It depends only on (seed, step), so a
+  resumed run sees exactly the batches an uninterrupted run sees, and every
+  process can take its own rows of it.
+- `count(batch)`: how many units the stage's loss is summed over in (part of) a
+  batch: labelled tokens for pretraining, conversations for SFT, pairs for DPO.
+  The loop divides the summed loss by the count of the whole global batch, so the
+  gradient does not depend on how the batch is cut into micro-batches and processes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from zhlm.lm import count_labels
+
+Batch = dict[str, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    def global_batch(self, step: int) -> Batch: ...
+
+    def count(self, batch: Batch) -> int: ...
+
+
+class TokenWindows:
+    """Random windows of a token file; the windows of step s depend only on (seed, s).
+
+    The file is a memmap: only the windows of a batch are read into memory.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
+        if tokens.size < seq_len + 2:
+            raise ValueError(f"{tokens.size} tokens are too few for windows of {seq_len}")
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, global_batch, seed
+
+    def global_batch(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.batch_size)
+        # (B, seq_len + 1): each window's inputs are its first seq_len tokens, its labels the last seq_len.
+        rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+    def count(self, batch: Batch) -> int:
+        return count_labels(batch["labels"])
+
+
+class Examples:
+    """Items drawn in a fresh shuffled order each epoch; the batch of step s depends only on (seed, s).
+
+    `collate` turns a list of items into a batch; `count` is the stage's loss unit.
+    """
+
+    def __init__(self, items: list, global_batch: int, seed: int, collate: Callable[[list], Batch],
+                 count: Callable[[Batch], int]):
+        if not items:
+            raise ValueError("no training examples")
+        self.items, self.batch_size, self.seed, self.collate = items, global_batch, seed, collate
+        self.count = count
+
+    def indices(self, step: int) -> list[int]:
+        n, out = len(self.items), []
+        position = step * self.batch_size
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(position, n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            take = order[offset:offset + self.batch_size - len(out)]
+            out.extend(int(i) for i in take)
+            position += len(take)
+        return out
+
+    def global_batch(self, step: int) -> Batch:
+        return self.collate([self.items[i] for i in self.indices(step)])
