@@ -18,9 +18,9 @@ import time
 import torch
 
 from zhlm.generate import Sampling, generate
+from zhlm.lm import count_labels
 from zhlm.model import LlamaForCausalLM, ModelConfig, save_model
 from zhlm.train.loop import TrainConfig, make_optimizer, matmul_peak_flops
-from zhlm.lm import count_labels
 from zhlm.train.pretrain import next_token_loss
 
 
@@ -100,11 +100,12 @@ def main():
         save_model(model, tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp).to(device).eval()
     new = 128
-    for batch in (1, 16):
+    for batch in (1, 16):  # each lambda below runs within its iteration
         prompts = torch.randint(3, args.vocab, (batch, 32), device=device)
-        ours = generation_speed(lambda: generate(model, prompts.tolist(), Sampling(max_new_tokens=new)), batch, new)
+        ours = generation_speed(lambda: generate(model, prompts.tolist(), Sampling(max_new_tokens=new)),  # noqa: B023
+                               batch, new)
         with torch.inference_mode():
-            theirs = generation_speed(lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts),
+            theirs = generation_speed(lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts),  # noqa: B023
                                                           max_new_tokens=new, min_new_tokens=new,
                                                           do_sample=False, pad_token_id=0), batch, new)
         print(f"generate batch {batch:2d}: zhlm {ours:8,.0f} tokens/s, transformers {theirs:8,.0f} tokens/s, "

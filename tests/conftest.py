@@ -3,9 +3,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from zhlm.tokenizer.binarize import binarize
 from zhlm.data import demo
 from zhlm.io import write_json, write_parquet
+from zhlm.tokenizer.binarize import binarize
 from zhlm.tokenizer.bpe import build_from_texts, save_tokenizer
 from zhlm.train import pretrain
 

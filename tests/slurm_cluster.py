@@ -3,7 +3,8 @@
 Everything (key, sockets, state, spool, logs, slurm.conf) lives in one folder; client
 commands find the cluster through SLURM_CONF, and through a link at the default path,
 /etc/slurm/slurm.conf, because the SLURM plugin's job step drops SLURM_* variables
-before its srun. A machine that already has that file is left alone (no test cluster). The node is declared as a small GPU
+before its srun. A machine that already has that file is left alone (no test cluster). The node is declared as a
+small GPU
 node (16 CPUs, 128 GB, one GPU; slurmd's config_overrides lets the declared size stand on
 a smaller machine) so the SLURM profile's requests schedule as on a site's GPU node.
 The GPU is a GRES entry backed by /dev/null: SLURM counts and allocates it, and the
@@ -72,7 +73,8 @@ class SlurmCluster:
                 return self
             time.sleep(0.5)
         raise ClusterUnavailable(f"the node did not become idle in {timeout:.0f} s (state {state.strip()!r}); "
-                                 f"slurmctld log:\n{self.log_tail('slurmctld')}\nslurmd log:\n{self.log_tail('slurmd')}")
+                                 f"slurmctld log:\n{self.log_tail('slurmctld')}\n"
+                                 f"slurmd log:\n{self.log_tail('slurmd')}")
 
     def run(self, *cmd):
         done = subprocess.run(cmd, env=self.env, capture_output=True, text=True)

@@ -1,9 +1,9 @@
 import numpy as np
 import pyarrow as pa
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from zhlm.tokenizer.binarize import binarize, load_tokens, token_dtype
 from zhlm.io import write_parquet
+from zhlm.tokenizer.binarize import binarize, load_tokens, token_dtype
 
 
 def byte_tokenizer(path, extra_vocab=0):

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from zhlm.chat import ChatSession
-from zhlm.inference import TextStream, load
 from zhlm.generate import Sampling, generate
+from zhlm.inference import TextStream, load
 from zhlm.tokenizer.chat import encode_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from zhlm.data import demo
-from zhlm.data.clean import clean_shard, clean_table, clean_text, cjk_ratio, shard_slice
+from zhlm.data.clean import cjk_ratio, clean_shard, clean_table, clean_text, shard_slice
 from zhlm.data.schema import REJECT_SCHEMA, rows_table
 
 
@@ -164,7 +164,8 @@ def test_sft_cleans_every_field_and_rejects_an_empty_one():
     history = json.dumps([{"role": "user", "content": "漢字？？"}, {"role": "assistant", "content": "是的!!"}],
                          ensure_ascii=False)
     rows = [
-        {"id": "s:0", "source": "s", "prompt": "什麼是漢字?", "response": "漢字是文字。", "system": "你是助手 ", "history": history},
+        {"id": "s:0", "source": "s", "prompt": "什麼是漢字?", "response": "漢字是文字。", "system": "你是助手 ",
+         "history": history},
         {"id": "s:1", "source": "s", "prompt": "问题", "response": " \u200b ", "system": None, "history": None},
         {"id": "s:2", "source": "s", "prompt": "问题", "response": "答案", "system": None, "history": "not json"},
     ]

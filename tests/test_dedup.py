@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from zhlm.data import demo, dedup
+from zhlm.data import dedup, demo
 from zhlm.data.dedup import dedup_table, normalise, shingle_hashes, signatures
 from zhlm.data.schema import rows_table
 
@@ -135,7 +135,8 @@ def test_sft_compares_prompt_and_response(news):
         {"id": "s:1", "source": "s", "prompt": "成语“一心一意”是什么意思？", "response": "完全不同的另一个回答。"},
         {"id": "s:2", "source": "s", "prompt": "成语 “一心一意” 是什么意思?", "response": "形容专心！"},
         {"id": "s:3", "source": "s", "prompt": "总结下面这段话：", "response": news[0]},
-        {"id": "s:4", "source": "s", "prompt": "总结下面这段话：", "response": substitute(news[0], 0.03, random.Random(4))},
+        {"id": "s:4", "source": "s", "prompt": "总结下面这段话：",
+         "response": substitute(news[0], 0.03, random.Random(4))},
     ]
     kept, removed, stats = dedup_table(rows_table(rows, "sft"), "sft")
     assert kept.column("id").to_pylist() == ["s:0", "s:1", "s:3"]

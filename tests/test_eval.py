@@ -13,9 +13,20 @@ import torch.nn.functional as F
 from zhlm.data import demo
 from zhlm.data.split import item_key
 from zhlm.eval import (
-    evaluate_bpc, char_f1, choice_accuracy, evaluate_model, evaluate_tasks, exact_match,
-    normalize_answer, polarity_label, preference_accuracy, read_choice_csv, segmentation_f1, task_of,
-    unigram_bpc, write_report,
+    char_f1,
+    choice_accuracy,
+    evaluate_bpc,
+    evaluate_model,
+    evaluate_tasks,
+    exact_match,
+    normalize_answer,
+    polarity_label,
+    preference_accuracy,
+    read_choice_csv,
+    segmentation_f1,
+    task_of,
+    unigram_bpc,
+    write_report,
 )
 from zhlm.eval.choice import LETTERS, answer_logps, choice_scores, letter_prompt
 from zhlm.eval.tasks import score_task

@@ -76,7 +76,7 @@ def test_jsonl_rejects(tmp_path):
         + b'{"text": "\xff\xfe bad"}\n'       # 2 invalid utf-8
         + b"[1, 2]\n"                          # 3 not an object
         + b'{"other": "x"}\n'                 # 4 missing field
-        + '{"text": "  \\n "}\n'.encode()     # 5 empty field
+        + b'{"text": "  \\n "}\n'     # 5 empty field
         + '{"text": "最后一行"}'.encode()      # 6 kept, no final newline
     )
     rows, rejects, stats = parse_source(path, "jsonl", source="s", kind="pretrain")

@@ -11,8 +11,8 @@ import openai
 import pytest
 import uvicorn
 
-from zhlm.inference import TextStream, load
 from zhlm.generate import Sampling, generate
+from zhlm.inference import TextStream, load
 from zhlm.serve import MAX_BODY, Job, create_app
 from zhlm.tokenizer.chat import encode_prompt
 

@@ -1,4 +1,3 @@
-import pyarrow as pa
 
 from zhlm.data.schema import rows_table
 from zhlm.data.split import SPLITS, assign, split_point, split_table

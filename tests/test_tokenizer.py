@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from zhlm.tokenizer import word_counts as wc_module
 from zhlm.tokenizer.bpe import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     build_from_counts,
     build_from_counts_file,
     build_tokenizer,
+    bytes_to_unicode,
     save_tokenizer,
     train_bpe,
 )
 from zhlm.tokenizer.word_counts import count_words, iter_parquet_texts, load_word_counts, save_word_counts
-from zhlm.tokenizer import word_counts as wc_module
-from zhlm.tokenizer.bpe import bytes_to_unicode
 
 VOCAB_SIZE = 700
 

@@ -192,7 +192,8 @@ def fake_scontrol(tmp_path, node_list, hosts):
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f"""#!/bin/sh
-if [ "$2" = job ]; then echo "JobId=$4 JobName=x JobState=RUNNING NumNodes={len(hosts)} NodeList={node_list} BatchHost={hosts[0]}"
+if [ "$2" = job ]; then
+  echo "JobId=$4 JobName=x JobState=RUNNING NumNodes={len(hosts)} NodeList={node_list} BatchHost={hosts[0]}"
 else echo "{chr(10).join(hosts)}"; fi
 """)
     scontrol.chmod(0o755)

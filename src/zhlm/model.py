@@ -11,7 +11,6 @@ Decoding with a KV cache multiplies by transposed, stacked copies of the weights
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -60,7 +59,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
+    def from_hf(cls, hf: dict) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in hf.items() if k in names})
 

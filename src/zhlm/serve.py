@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zhlm.inference import LoadedModel, TextStream, load
 from zhlm.generate import Sampling, stream
+from zhlm.inference import LoadedModel, TextStream, load
 from zhlm.tokenizer.chat import ROLES, encode_prompt
 
 log = logging.getLogger("zhlm.serve")

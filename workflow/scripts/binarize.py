@@ -1,6 +1,6 @@
 """Encode the pretraining splits into uint16/uint32 token files and meta.json."""
-from zhlm.tokenizer.binarize import binarize
 from zhlm.io import setup_logging, write_json
+from zhlm.tokenizer.binarize import binarize
 
 log = setup_logging(snakemake.log[0])
 meta = {split: binarize(snakemake.input[split], snakemake.input.tokenizer, snakemake.output[split],

@@ -1,6 +1,6 @@
 """Count jieba words over every training split, in parallel and in bounded memory."""
-from zhlm.tokenizer.word_counts import count_words, iter_parquet_texts, save_word_counts
 from zhlm.io import setup_logging
+from zhlm.tokenizer.word_counts import count_words, iter_parquet_texts, save_word_counts
 
 log = setup_logging(snakemake.log[0])
 counts = count_words(iter_parquet_texts(snakemake.input), processes=snakemake.threads,

@@ -9,7 +9,8 @@ p, inputs = snakemake.params, snakemake.input
 result = evaluate_files(
     p.model_dir, stage=snakemake.wildcards.stage, val_parquet=inputs.val, train_parquet=inputs.train,
     tasks_parquet=inputs.get("tasks"), pair_parquets=inputs.get("pairs", []),
-    choice_parquets={Path(path).stem: (path, p.choice_heldout_only[Path(path).stem]) for path in inputs.get("choice", [])},
+    choice_parquets={Path(path).stem: (path, p.choice_heldout_only[Path(path).stem])
+                     for path in inputs.get("choice", [])},
     holdout=p.holdout, seq_len=p.seq_len, settings=p.settings)
 write_json(result, snakemake.output[0])
 log.info("%s: bpc %.3f", snakemake.wildcards.stage, result["bpc"]["bpc"])

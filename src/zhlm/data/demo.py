@@ -20,8 +20,8 @@ import csv
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from importlib import resources
-from typing import Iterator
 
 from zhlm.io import atomic_path
 

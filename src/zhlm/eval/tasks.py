@@ -73,8 +73,8 @@ def score_task(task: str, items: list[dict]) -> dict:
         out["exact_match"] = sum(map(exact_match, preds, refs)) / len(items)
     elif task == "polarity":
         labels = [polarity_label(p) for p in preds]
-        out["accuracy"] = sum(l == r.strip() for l, r in zip(labels, refs)) / len(items)
-        out["no_label"] = sum(l is None for l in labels) / len(items)
+        out["accuracy"] = sum(label == ref.strip() for label, ref in zip(labels, refs)) / len(items)
+        out["no_label"] = sum(label is None for label in labels) / len(items)
     elif task == "segmentation":
         # Micro average: words of all sentences pooled.
         counts = [segmentation_counts(p, r) for p, r in zip(preds, refs)]

@@ -13,7 +13,8 @@ A batch source has two methods (`BatchSource`):
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch

@@ -64,6 +64,12 @@ def reference_logps(model, pairs_encoded, pad_id: int, batch_size: int = 16) -> 
     return out
 
 
+def with_reference(reference, encoded: list[tuple], pad_id: int) -> list[tuple]:
+    """Each encoded (chosen, rejected) pair with the reference's log-probabilities of both."""
+    refs = reference_logps(reference, encoded, pad_id)
+    return [(c, r, rc, rr) for (c, r), (rc, rr) in zip(encoded, refs)]
+
+
 def encode_pairs(tokenizer, rows: list[dict], max_len: int) -> list[tuple]:
     """((chosen ids, labels), (rejected ids, labels)) of each pair, as ChatML conversations cut to max_len."""
     def conversations(answer_field):
@@ -116,12 +122,9 @@ def run(sft_dir, tokenizer_dir, pair_files: list, out_dir, ckpt_dir, *, settings
     check_context(policy.config, cfg.seq_len)
     pad, beta, max_len = policy.config.pad_token_id, cfg.beta, cfg.seq_len + 1
 
-    def with_reference(pair_rows):
-        encoded = encode_pairs(tokenizer, pair_rows, max_len)
-        refs = reference_logps(reference, encoded, pad)
-        return [(c, r, rc, rr) for (c, r), (rc, rr) in zip(encoded, refs)]
-
-    items, eval_items = with_reference(train_rows), with_reference(eval_rows)
+    # (chosen, rejected, ref log-prob of chosen, of rejected) per pair; the reference is then freed.
+    items, eval_items = (with_reference(reference, encode_pairs(tokenizer, part, max_len), pad)
+                         for part in (train_rows, eval_rows))
     del reference
     log.info("%d training pairs, %d held-out pairs", len(items), len(eval_items))
     mean_len = float(np.mean([len(c[0]) + len(r[0]) - 2 for c, r, _, _ in items]))
