@@ -32,9 +32,8 @@ TARGET = "results/tokens/train.bin"
 
 
 def snakemake_command(workdir, *args):
-    # --configfile takes every argument after it, so it comes last.
     return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-            "--cores", "2", *args, "--configfile", str(workdir / "config.yaml")]
+            "--cores", "2", f"--configfile={workdir / 'config.yaml'}", *args]
 
 
 def snakemake(workdir, *args, env=None):

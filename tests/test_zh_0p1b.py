@@ -102,7 +102,7 @@ def test_every_hub_source_is_pinned_to_a_commit(config):
 def test_dry_run_lists_the_whole_dag_without_the_network(config, tmp_path):
     env = {**os.environ, **OFFLINE}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-           "-n", "--cores", "16", TARGET, "--configfile", str(CONFIG)]  # --configfile takes what follows
+           "-n", "--cores", "16", f"--configfile={CONFIG}", TARGET]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
