@@ -23,7 +23,7 @@ rule sft:
     benchmark:
         "results/benchmarks/sft.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     shell:
         "exec {params.launch} {params.script} --init results/pretrain --tokenizer results/tokenizer"
         " --train {input.train} --val {input.val} --out results/sft --ckpt {params.ckpt}"
@@ -49,7 +49,7 @@ rule rollouts:
     benchmark:
         "results/benchmarks/rollouts.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/rollouts.py"
 
@@ -75,7 +75,7 @@ rule dpo:
     benchmark:
         "results/benchmarks/dpo.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     shell:
         "exec {params.launch} {params.script} --sft results/sft --tokenizer results/tokenizer"
         " --pairs {input.pairs} --eval-pairs {input.eval_pairs} --out results/dpo --ckpt {params.ckpt}"

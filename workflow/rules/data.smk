@@ -13,7 +13,7 @@ rule download:
         "results/benchmarks/download/{source}/{filename}.tsv"
     retries: 2
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/download.py"
 
@@ -36,7 +36,7 @@ rule parse:
     benchmark:
         "results/benchmarks/parse/{source}.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/parse.py"
 
@@ -57,7 +57,7 @@ rule clean_shard:
     benchmark:
         "results/benchmarks/clean/{source}/{shard}.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/clean.py"
 
@@ -76,7 +76,7 @@ rule gather_clean:
     benchmark:
         "results/benchmarks/gather_clean/{source}.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/gather_clean.py"
 
@@ -98,7 +98,7 @@ rule dedup:
     benchmark:
         "results/benchmarks/dedup/{kind}.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/dedup.py"
 
@@ -123,6 +123,6 @@ for split_kind in kinds():
         benchmark:
             f"results/benchmarks/split/{split_kind}.tsv"
         conda:
-            "../../envs/data.yaml"
+            "../../envs/zhlm.yaml"
         script:
             "../scripts/split.py"

@@ -29,7 +29,7 @@ rule pretrain:
     benchmark:
         "results/benchmarks/pretrain.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     shell:
         "exec {params.launch} {params.script} --tokens results/tokens --tokenizer results/tokenizer"
         " --out results/pretrain --ckpt {params.ckpt} --model {params.model:q} --settings {params.settings:q}"

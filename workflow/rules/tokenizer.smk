@@ -14,7 +14,7 @@ rule count_words:
     benchmark:
         "results/benchmarks/tokenizer/count_words.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/count_words.py"
 
@@ -36,7 +36,7 @@ rule build_tokenizer:
     benchmark:
         "results/benchmarks/tokenizer/build_tokenizer.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/build_tokenizer.py"
 
@@ -57,6 +57,6 @@ rule binarize:
     benchmark:
         "results/benchmarks/tokens/binarize.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/binarize.py"
