@@ -3,8 +3,8 @@ import json
 import os
 import re
 import sys
-from urllib.parse import urlparse
 
+from zhlm.data.fetch import file_name
 from zhlm.data.split import SPLITS
 
 SOURCES = config["sources"]
@@ -19,13 +19,8 @@ def kinds():
 
 
 def raw_file(source):
-    """results/raw/{source}/<file name of the URI>; a demo dataset is written as jsonl."""
-    uri = SOURCES[source]["uri"]
-    if uri.startswith("demo:"):
-        name = uri.split(":", 1)[1] + ".jsonl"
-    else:
-        name = os.path.basename(urlparse(uri.split("@", 1)[0] if uri.startswith("hf://") else uri).path)
-    return f"results/raw/{source}/{name}"
+    """results/raw/{source}/<the file name its URI downloads to>."""
+    return f"results/raw/{source}/{file_name(SOURCES[source]['uri'])}"
 
 
 def templates(source):
