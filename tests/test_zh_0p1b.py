@@ -24,6 +24,7 @@ import yaml
 from test_workflow import job_counts
 
 from zhlm.data.formats import parse_source
+from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.model import LlamaModel, ModelConfig
 from zhlm.train.loop import TrainConfig, start, train
 from zhlm.train.pretrain import TokenWindows, lm_loss
@@ -34,8 +35,6 @@ TARGET = "results/dpo/model.safetensors"
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens there
 OFFLINE = {"HF_ENDPOINT": CLOSED, "http_proxy": CLOSED, "https_proxy": CLOSED, "all_proxy": CLOSED,
            "HTTP_PROXY": CLOSED, "HTTPS_PROXY": CLOSED, "ALL_PROXY": CLOSED, "no_proxy": "", "NO_PROXY": ""}
-TEMPLATE_FIELDS = ("text", "prompt", "response", "system", "history", "chosen", "rejected",
-                   "question", "A", "B", "C", "D", "answer")  # as workflow/rules/common.smk templates()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import re
 import sys
 
 from zhlm.data.fetch import file_name
+from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
 
 SOURCES = config["sources"]
@@ -25,9 +26,7 @@ def raw_file(source):
 
 def templates(source):
     """The field templates a source declares (only those it sets)."""
-    fields = ("text", "prompt", "response", "system", "history", "chosen", "rejected",
-              "question", "A", "B", "C", "D", "answer")
-    return {f: SOURCES[source][f] for f in fields if f in SOURCES[source]}
+    return {f: SOURCES[source][f] for f in TEMPLATE_FIELDS if f in SOURCES[source]}
 
 
 def clean_shards(source):
