@@ -7,6 +7,7 @@ import sys
 from zhlm.data.fetch import file_name
 from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
+from zhlm.model import MODEL_FILES
 
 SOURCES = config["sources"]
 
@@ -43,10 +44,6 @@ def tokenizer_training_text():
 
 
 # --- model stages -----------------------------------------------------------
-
-MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "train_log.csv")
-
 
 def model_folder(stage):
     """The files of a stage's Hugging Face model folder (loss.png is declared apart, for the report)."""
