@@ -7,7 +7,7 @@ import sys
 from zhlm.data.fetch import file_name
 from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
-from zhlm.model import MODEL_FILES
+from zhlm.model import MODEL_FILES, TOKENIZER_FILES
 
 SOURCES = config["sources"]
 
@@ -41,6 +41,22 @@ def split_outputs():
 def tokenizer_training_text():
     """Every training split: the tokenizer never sees held-out text."""
     return [f"results/split/{kind}/train.parquet" for kind in kinds()]
+
+
+def tokenizer_files():
+    """build_tokenizer's outputs that a training stage reads: tokenizer.json, and the files
+    save_pretrained copies into the stage's model folder (zhlm.model.TOKENIZER_FILES)."""
+    files = [f for f in rules.build_tokenizer.output if os.path.basename(f) in TOKENIZER_FILES]
+    assert len(files) == len(TOKENIZER_FILES), files
+    return files
+
+
+def folder(files):
+    """The one folder holding `files` (a path or a list of paths): what a script is given
+    when it reads or writes a whole folder."""
+    folders = {os.path.dirname(f) for f in ([files] if isinstance(files, str) else files)}
+    assert len(folders) == 1, f"not one folder: {sorted(folders)}"
+    return folders.pop()
 
 
 # --- model stages -----------------------------------------------------------

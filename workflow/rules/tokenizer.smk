@@ -45,7 +45,7 @@ rule binarize:
     input:
         train="results/split/pretrain/train.parquet",
         val="results/split/pretrain/val.parquet",
-        tokenizer="results/tokenizer/tokenizer.json",
+        tokenizer=rules.build_tokenizer.output.tokenizer,
     output:
         train="results/tokens/train.bin",
         val="results/tokens/val.bin",
