@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from zhlm.data.fetch import ChecksumError, FetchError, fetch, file_name, resolve_url
+from zhlm.data.fetch import ChecksumError, FetchError, fetch, file_name, local_file, resolve_url
 
 BODY = random.Random(0).randbytes(300_000)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -238,6 +238,14 @@ def test_file_name(uri, name):
 def test_file_name_of_a_uri_without_one(uri):
     with pytest.raises(ValueError):
         file_name(uri)
+
+
+def test_local_file():
+    assert str(local_file("file:///data/corpus/news.txt")) == "/data/corpus/news.txt"
+    assert str(local_file("file://localhost/data/a%20b.txt")) == "/data/a b.txt"
+    assert str(local_file("/data/corpus/news.txt")) == "/data/corpus/news.txt"
+    for uri in ("https://127.0.0.1/f.jsonl", "hf://datasets/o/n/f.json", "demo:news"):
+        assert local_file(uri) is None
 
 
 def test_file_uri_and_local_path(tmp_path):

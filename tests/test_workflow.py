@@ -259,6 +259,23 @@ def test_a_changed_tokenizer_makes_the_training_stages_stale(dag, tmp_path):
     assert "results/tokenizer/tokenizer.json" in inputs["binarize"]
 
 
+def test_a_local_source_file_is_the_input_of_its_download(tmp_path):
+    """A file:// source is copied by the download job, which declares the file it reads."""
+    local = tmp_path / "corpus" / "news.jsonl"
+    local.parent.mkdir()
+    local.write_text(json.dumps({"id": "local:0", "text": "长江是亚洲第一长河。"}, ensure_ascii=False) + "\n")
+    config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
+    config["sources"]["local"] = {"kind": "pretrain", "uri": local.as_uri()}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    run = snakemake(tmp_path, "-n", "results/parsed/local.parquet")
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert f"    input: {local}\n    output: results/raw/local/news.jsonl\n" in run.stdout
+    local.unlink()  # a missing local file fails before any job runs, naming it
+    run = snakemake(tmp_path, "-n", "results/parsed/local.parquet")
+    assert run.returncode != 0 and "MissingInputException" in run.stdout + run.stderr
+    assert str(local) in run.stdout + run.stderr
+
+
 def test_a_stage_over_several_nodes_asks_slurm_for_them_and_launches_on_each(tmp_path):
     config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
     config["pretrain"].update(nproc=4, nodes=2)

@@ -4,7 +4,7 @@ import os
 import re
 import sys
 
-from zhlm.data.fetch import file_name
+from zhlm.data.fetch import file_name, local_file
 from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
 from zhlm.model import MODEL_FILES, TOKENIZER_FILES
@@ -23,6 +23,12 @@ def kinds():
 def raw_file(source):
     """results/raw/{source}/<the file name its URI downloads to>."""
     return f"results/raw/{source}/{file_name(SOURCES[source]['uri'])}"
+
+
+def local_source(wildcards):
+    """The local file a file:// source is copied from (none for other sources): download's input."""
+    path = local_file(SOURCES[wildcards.source]["uri"])
+    return [str(path)] if path else []
 
 
 def templates(source):

@@ -2,6 +2,8 @@
 
 
 rule download:
+    input:
+        local_source,
     output:
         "results/raw/{source}/{filename}",
     params:

@@ -143,6 +143,14 @@ def fetch(uri: str, dest: str | os.PathLike, sha256: str | None = None, *, retri
     return dest
 
 
+def local_file(uri: str) -> Path | None:
+    """The local file that a file:// URI (or a plain path) is copied from; None for any other URI."""
+    m = _SCHEME.match(uri)
+    if m and m.group(1).lower() != "file":
+        return None
+    return _local_path(uri)
+
+
 def _local_path(uri: str) -> Path:
     if not uri.startswith("file:"):
         return Path(uri)
