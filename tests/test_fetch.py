@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from zhlm.data.fetch import ChecksumError, FetchError, fetch, resolve_url
+from zhlm.data.fetch import ChecksumError, FetchError, fetch, file_name, local_file, resolve_url
 
 BODY = random.Random(0).randbytes(300_000)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -216,6 +216,36 @@ def test_resolve_url(monkeypatch):
         resolve_url("hf://models/o/n/f")
     with pytest.raises(ValueError):
         resolve_url("hf://datasets/o/n")
+
+
+@pytest.mark.parametrize("uri, name", [
+    ("hf://datasets/pleisto/wikipedia-cn-20230720-filtered/wikipedia-cn-20230720-filtered.json@"
+     "f5ff1ef7b2d2d9e7a1e1dbfd7b2a4ecbd5eb5b43", "wikipedia-cn-20230720-filtered.json"),
+    ("hf://datasets/o/n/data/train-00000-of-00002.parquet", "train-00000-of-00002.parquet"),
+    ("hf://datasets/o/n/a/b.parquet@refs/convert/parquet", "b.parquet"),  # a revision with slashes
+    ("hf://datasets/o/n/user@host.jsonl@main", "user@host.jsonl"),        # the revision is after the last @
+    ("https://127.0.0.1:8000/dir/planted.jsonl", "planted.jsonl"),
+    ("https://example.org/get/data.csv?download=1#top", "data.csv"),
+    ("file:///data/corpus/news.txt", "news.txt"),
+    ("/data/corpus/news.txt", "news.txt"),
+    ("demo:people_daily", "people_daily.jsonl"),  # demo datasets are written as jsonl
+])
+def test_file_name(uri, name):
+    assert file_name(uri) == name
+
+
+@pytest.mark.parametrize("uri", ["https://example.org/dir/", "file:///data/", "hf://datasets/o/n", "hf://datasets/o/n/f@"])
+def test_file_name_of_a_uri_without_one(uri):
+    with pytest.raises(ValueError):
+        file_name(uri)
+
+
+def test_local_file():
+    assert str(local_file("file:///data/corpus/news.txt")) == "/data/corpus/news.txt"
+    assert str(local_file("file://localhost/data/a%20b.txt")) == "/data/a b.txt"
+    assert str(local_file("/data/corpus/news.txt")) == "/data/corpus/news.txt"
+    for uri in ("https://127.0.0.1/f.jsonl", "hf://datasets/o/n/f.json", "demo:news"):
+        assert local_file(uri) is None
 
 
 def test_file_uri_and_local_path(tmp_path):

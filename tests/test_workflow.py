@@ -10,6 +10,7 @@ import http.server
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,15 +27,15 @@ from tokenizers import Tokenizer
 
 from zhlm.data import demo
 from zhlm.data.split import item_key
+from zhlm.model import TOKENIZER_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/tokens/train.bin"
 
 
 def snakemake_command(workdir, *args):
-    # --configfile takes every argument after it, so it comes last.
     return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-            "--cores", "2", *args, "--configfile", str(workdir / "config.yaml")]
+            "--cores", "2", f"--configfile={workdir / 'config.yaml'}", *args]
 
 
 def snakemake(workdir, *args, env=None):
@@ -219,6 +220,60 @@ def test_changed_cleaning_parameter_reruns_cleaning_and_what_follows_only(dag):
     for rule in ("gather_clean", "dedup", "split_pretrain", "count_words", "build_tokenizer", "binarize"):
         assert rule in jobs, jobs
     assert "download" not in jobs and "parse" not in jobs and "split_sft" not in jobs
+
+
+def job_inputs(output):
+    """rule -> the input files of its (first) job in a dry run's output."""
+    return {rule: files.split(", ") for rule, files in
+            re.findall(r"^(?:local)?rule (\w+):\n    input: (.*)$", output, re.MULTILINE)}
+
+
+def test_a_changed_tokenizer_makes_the_training_stages_stale(dag, tmp_path):
+    """pretrain, sft and dpo read results/tokenizer/ (and copy its files into their model
+    folders), so each declares those files as inputs, and a changed tokenizer reruns them.
+
+    Run on a copy of the DAG's workdir, so the other tests keep theirs; Snakemake's records in
+    .snakemake/ name files by their relative paths, and copying keeps every mtime. The
+    tokenizer's bytes change, not only its mtime: Snakemake keeps the checksums of inputs up to
+    1 MB and takes a touched file with the same content as unchanged."""
+    workdir, _, _ = dag
+    copy = tmp_path / "dag"
+    shutil.copytree(workdir, copy, symlinks=True)
+    run = snakemake(copy, "-n")
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert "Nothing to be done" in run.stdout + run.stderr  # the copy is as up to date as the DAG
+    tokenizer = copy / "results/tokenizer/tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), ensure_ascii=False, indent=1))
+    run = snakemake(copy, "-n")
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    jobs, inputs = job_counts(output), job_inputs(output)
+    for rule in ("binarize", "pretrain", "sft", "rollouts", "dpo"):
+        assert jobs.get(rule) == 1, jobs
+    assert jobs.get("eval_stage") == 3 and jobs.get("report") == 1, jobs
+    assert not {"download", "parse", "clean_shard", "dedup", "count_words", "build_tokenizer"} & set(jobs), jobs
+    # Each training stage reads the tokenizer itself, not only through pretrain's model folder.
+    tokenizer_files = [f"results/tokenizer/{name}" for name in TOKENIZER_FILES]
+    for rule in ("pretrain", "sft", "dpo"):
+        assert set(tokenizer_files) <= set(inputs[rule]), (rule, inputs[rule])
+    assert "results/tokenizer/tokenizer.json" in inputs["binarize"]
+
+
+def test_a_local_source_file_is_the_input_of_its_download(tmp_path):
+    """A file:// source is copied by the download job, which declares the file it reads."""
+    local = tmp_path / "corpus" / "news.jsonl"
+    local.parent.mkdir()
+    local.write_text(json.dumps({"id": "local:0", "text": "长江是亚洲第一长河。"}, ensure_ascii=False) + "\n")
+    config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
+    config["sources"]["local"] = {"kind": "pretrain", "uri": local.as_uri()}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    run = snakemake(tmp_path, "-n", "results/parsed/local.parquet")
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert f"    input: {local}\n    output: results/raw/local/news.jsonl\n" in run.stdout
+    local.unlink()  # a missing local file fails before any job runs, naming it
+    run = snakemake(tmp_path, "-n", "results/parsed/local.parquet")
+    assert run.returncode != 0 and "MissingInputException" in run.stdout + run.stderr
+    assert str(local) in run.stdout + run.stderr
 
 
 def test_a_stage_over_several_nodes_asks_slurm_for_them_and_launches_on_each(tmp_path):

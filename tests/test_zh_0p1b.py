@@ -24,6 +24,7 @@ import yaml
 from test_workflow import job_counts
 
 from zhlm.data.formats import parse_source
+from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.model import LlamaForCausalLM, ModelConfig
 from zhlm.train.loop import TrainConfig, start, train
 from zhlm.train.batches import TokenWindows
@@ -35,8 +36,6 @@ TARGET = "results/dpo/model.safetensors"
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens there
 OFFLINE = {"HF_ENDPOINT": CLOSED, "http_proxy": CLOSED, "https_proxy": CLOSED, "all_proxy": CLOSED,
            "HTTP_PROXY": CLOSED, "HTTPS_PROXY": CLOSED, "ALL_PROXY": CLOSED, "no_proxy": "", "NO_PROXY": ""}
-TEMPLATE_FIELDS = ("text", "prompt", "response", "system", "history", "chosen", "rejected",
-                   "question", "A", "B", "C", "D", "answer")  # as workflow/rules/common.smk templates()
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,7 @@ def test_every_hub_source_is_pinned_to_a_commit(config):
 def test_dry_run_lists_the_whole_dag_without_the_network(config, tmp_path):
     env = {**os.environ, **OFFLINE}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-           "-n", "--cores", "16", TARGET, "--configfile", str(CONFIG)]  # --configfile takes what follows
+           "-n", "--cores", "16", f"--configfile={CONFIG}", TARGET]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]

@@ -5,6 +5,7 @@
 rule sft:
     input:
         init=model_folder("pretrain"),
+        tokenizer=tokenizer_files(),
         train="results/split/sft/train.parquet",
         val="results/split/sft/eval.parquet",
     output:
@@ -13,7 +14,10 @@ rule sft:
     params:
         launch=launcher("sft"),
         settings=json.dumps(config["sft"]),
-        ckpt="results/sft/_ckpt",
+        init=lambda w, input: folder(input.init),
+        tokenizer=lambda w, input: folder(input.tokenizer),
+        out=lambda w, output: folder([*output.folder, output.plot]),
+        ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
         script=script_path("sft.py"),
     threads: workflow.cores
     resources:
@@ -23,10 +27,10 @@ rule sft:
     benchmark:
         "results/benchmarks/sft.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     shell:
-        "exec {params.launch} {params.script} --init results/pretrain --tokenizer results/tokenizer"
-        " --train {input.train} --val {input.val} --out results/sft --ckpt {params.ckpt}"
+        "exec {params.launch} {params.script} --init {params.init:q} --tokenizer {params.tokenizer:q}"
+        " --train {input.train:q} --val {input.val:q} --out {params.out:q} --ckpt {params.ckpt:q}"
         " --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"
 
@@ -49,7 +53,7 @@ rule rollouts:
     benchmark:
         "results/benchmarks/rollouts.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/rollouts.py"
 
@@ -57,6 +61,7 @@ rule rollouts:
 rule dpo:
     input:
         sft=model_folder("sft"),
+        tokenizer=tokenizer_files(),
         pairs=["results/rollouts/pairs.parquet"] + (["results/split/dpo/train.parquet"] if sources_of("dpo") else []),
         eval_pairs=["results/split/dpo/eval.parquet"] if sources_of("dpo") else [],
     output:
@@ -65,7 +70,10 @@ rule dpo:
     params:
         launch=launcher("dpo"),
         settings=json.dumps(config["dpo"]),
-        ckpt="results/dpo/_ckpt",
+        sft=lambda w, input: folder(input.sft),
+        tokenizer=lambda w, input: folder(input.tokenizer),
+        out=lambda w, output: folder([*output.folder, output.plot]),
+        ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
         script=script_path("dpo.py"),
     threads: workflow.cores
     resources:
@@ -75,9 +83,9 @@ rule dpo:
     benchmark:
         "results/benchmarks/dpo.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     shell:
-        "exec {params.launch} {params.script} --sft results/sft --tokenizer results/tokenizer"
-        " --pairs {input.pairs} --eval-pairs {input.eval_pairs} --out results/dpo --ckpt {params.ckpt}"
+        "exec {params.launch} {params.script} --sft {params.sft:q} --tokenizer {params.tokenizer:q}"
+        " --pairs {input.pairs:q} --eval-pairs {input.eval_pairs:q} --out {params.out:q} --ckpt {params.ckpt:q}"
         " --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"

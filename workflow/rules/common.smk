@@ -3,9 +3,11 @@ import json
 import os
 import re
 import sys
-from urllib.parse import urlparse
 
+from zhlm.data.fetch import file_name, local_file
+from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
+from zhlm.model import MODEL_FILES, TOKENIZER_FILES
 
 SOURCES = config["sources"]
 
@@ -19,20 +21,19 @@ def kinds():
 
 
 def raw_file(source):
-    """results/raw/{source}/<file name of the URI>; a demo dataset is written as jsonl."""
-    uri = SOURCES[source]["uri"]
-    if uri.startswith("demo:"):
-        name = uri.split(":", 1)[1] + ".jsonl"
-    else:
-        name = os.path.basename(urlparse(uri.split("@", 1)[0] if uri.startswith("hf://") else uri).path)
-    return f"results/raw/{source}/{name}"
+    """results/raw/{source}/<the file name its URI downloads to>."""
+    return f"results/raw/{source}/{file_name(SOURCES[source]['uri'])}"
+
+
+def local_source(wildcards):
+    """The local file a file:// source is copied from (none for other sources): download's input."""
+    path = local_file(SOURCES[wildcards.source]["uri"])
+    return [str(path)] if path else []
 
 
 def templates(source):
     """The field templates a source declares (only those it sets)."""
-    fields = ("text", "prompt", "response", "system", "history", "chosen", "rejected",
-              "question", "A", "B", "C", "D", "answer")
-    return {f: SOURCES[source][f] for f in fields if f in SOURCES[source]}
+    return {f: SOURCES[source][f] for f in TEMPLATE_FIELDS if f in SOURCES[source]}
 
 
 def clean_shards(source):
@@ -48,11 +49,23 @@ def tokenizer_training_text():
     return [f"results/split/{kind}/train.parquet" for kind in kinds()]
 
 
+def tokenizer_files():
+    """build_tokenizer's outputs that a training stage reads: tokenizer.json, and the files
+    save_pretrained copies into the stage's model folder (zhlm.model.TOKENIZER_FILES)."""
+    files = [f for f in rules.build_tokenizer.output if os.path.basename(f) in TOKENIZER_FILES]
+    assert len(files) == len(TOKENIZER_FILES), files
+    return files
+
+
+def folder(files):
+    """The one folder holding `files` (a path or a list of paths): what a script is given
+    when it reads or writes a whole folder."""
+    folders = {os.path.dirname(f) for f in ([files] if isinstance(files, str) else files)}
+    assert len(folders) == 1, f"not one folder: {sorted(folders)}"
+    return folders.pop()
+
+
 # --- model stages -----------------------------------------------------------
-
-MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "train_log.csv")
-
 
 def model_folder(stage):
     """The files of a stage's Hugging Face model folder (loss.png is declared apart, for the report)."""

@@ -2,6 +2,8 @@
 
 
 rule download:
+    input:
+        local_source,
     output:
         "results/raw/{source}/{filename}",
     params:
@@ -13,7 +15,7 @@ rule download:
         "results/benchmarks/download/{source}/{filename}.tsv"
     retries: 2
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/download.py"
 
@@ -36,7 +38,7 @@ rule parse:
     benchmark:
         "results/benchmarks/parse/{source}.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/parse.py"
 
@@ -57,7 +59,7 @@ rule clean_shard:
     benchmark:
         "results/benchmarks/clean/{source}/{shard}.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/clean.py"
 
@@ -76,7 +78,7 @@ rule gather_clean:
     benchmark:
         "results/benchmarks/gather_clean/{source}.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/gather_clean.py"
 
@@ -98,7 +100,7 @@ rule dedup:
     benchmark:
         "results/benchmarks/dedup/{kind}.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/dedup.py"
 
@@ -123,6 +125,6 @@ for split_kind in kinds():
         benchmark:
             f"results/benchmarks/split/{split_kind}.tsv"
         conda:
-            "../../envs/data.yaml"
+            "../../envs/zhlm.yaml"
         script:
             "../scripts/split.py"

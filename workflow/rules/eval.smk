@@ -22,7 +22,7 @@ rule eval_stage:
     benchmark:
         "results/benchmarks/eval/{stage}.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/eval.py"
 
@@ -38,6 +38,6 @@ rule report:
     benchmark:
         "results/benchmarks/eval/report.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/report.py"

@@ -10,7 +10,7 @@ rule pretrain:
         train="results/tokens/train.bin",
         val="results/tokens/val.bin",
         meta="results/tokens/meta.json",
-        tokenizer=rules.build_tokenizer.output.tokenizer,
+        tokenizer=tokenizer_files(),
     output:
         folder=model_folder("pretrain"),
         plot=report("results/pretrain/loss.png", category="Training", caption="../report/loss.rst"),
@@ -18,8 +18,11 @@ rule pretrain:
         launch=launcher("pretrain"),
         model=json.dumps(config["model"]),
         settings=json.dumps(config["pretrain"]),
+        tokens=lambda w, input: folder([input.train, input.val, input.meta]),
+        tokenizer=lambda w, input: folder(input.tokenizer),
+        out=lambda w, output: folder([*output.folder, output.plot]),
         # Resumable checkpoints: a scratch folder, not an output (Snakemake deletes outputs first).
-        ckpt="results/pretrain/_ckpt",
+        ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
         script=script_path("pretrain.py"),
     threads: workflow.cores
     resources:
@@ -29,8 +32,8 @@ rule pretrain:
     benchmark:
         "results/benchmarks/pretrain.tsv"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/zhlm.yaml"
     shell:
-        "exec {params.launch} {params.script} --tokens results/tokens --tokenizer results/tokenizer"
-        " --out results/pretrain --ckpt {params.ckpt} --model {params.model:q} --settings {params.settings:q}"
+        "exec {params.launch} {params.script} --tokens {params.tokens:q} --tokenizer {params.tokenizer:q}"
+        " --out {params.out:q} --ckpt {params.ckpt:q} --model {params.model:q} --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"

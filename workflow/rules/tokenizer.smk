@@ -14,7 +14,7 @@ rule count_words:
     benchmark:
         "results/benchmarks/tokenizer/count_words.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/count_words.py"
 
@@ -36,7 +36,7 @@ rule build_tokenizer:
     benchmark:
         "results/benchmarks/tokenizer/build_tokenizer.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/build_tokenizer.py"
 
@@ -45,7 +45,7 @@ rule binarize:
     input:
         train="results/split/pretrain/train.parquet",
         val="results/split/pretrain/val.parquet",
-        tokenizer="results/tokenizer/tokenizer.json",
+        tokenizer=rules.build_tokenizer.output.tokenizer,
     output:
         train="results/tokens/train.bin",
         val="results/tokens/val.bin",
@@ -57,6 +57,6 @@ rule binarize:
     benchmark:
         "results/benchmarks/tokens/binarize.tsv"
     conda:
-        "../../envs/data.yaml"
+        "../../envs/zhlm.yaml"
     script:
         "../scripts/binarize.py"

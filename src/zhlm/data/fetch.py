@@ -51,12 +51,8 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-def resolve_url(uri: str) -> str:
-    """The HTTP(S) URL for `uri`; hf://datasets/OWNER/NAME/PATH[@REV] goes through HF_ENDPOINT."""
-    if uri.startswith(("http://", "https://")):
-        return uri
-    if not uri.startswith("hf://"):
-        raise ValueError(f"not an http(s):// or hf:// uri: {uri!r}")
+def _hf_parts(uri: str) -> tuple[str, str, str, str]:
+    """OWNER, NAME, PATH and REVISION ("" when not pinned) of hf://datasets/OWNER/NAME/PATH[@REVISION]."""
     rest = uri[len("hf://"):]
     parts = rest.split("/", 3)
     if len(parts) != 4 or parts[0] != "datasets" or not all(parts[1:]):
@@ -65,6 +61,33 @@ def resolve_url(uri: str) -> str:
     path, at, revision = path.rpartition("@") if "@" in path else (path, "", "")
     if at and not (path and revision):
         raise ValueError(f"hf uri has an empty path or revision: {uri!r}")
+    return owner, name, path, revision
+
+
+def file_name(uri: str) -> str:
+    """The name of the file `uri` downloads to: the last segment of its path (an hf:// URI's
+    without its @REVISION, a URL's without its query), or NAME.jsonl for demo:NAME."""
+    if uri.startswith("demo:"):
+        return uri.removeprefix("demo:") + ".jsonl"
+    if uri.startswith("hf://"):
+        path = _hf_parts(uri)[2]
+    elif _SCHEME.match(uri):
+        path = urllib.parse.urlparse(uri).path
+    else:
+        path = uri  # a local path
+    name = path.rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
+        raise ValueError(f"{uri!r} does not end in a file name")
+    return name
+
+
+def resolve_url(uri: str) -> str:
+    """The HTTP(S) URL for `uri`; hf://datasets/OWNER/NAME/PATH[@REV] goes through HF_ENDPOINT."""
+    if uri.startswith(("http://", "https://")):
+        return uri
+    if not uri.startswith("hf://"):
+        raise ValueError(f"not an http(s):// or hf:// uri: {uri!r}")
+    owner, name, path, revision = _hf_parts(uri)
     endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT
     q = urllib.parse.quote
     # A revision such as refs/pr/1 is one path segment on the hub, so its slashes are escaped.
@@ -118,6 +141,14 @@ def fetch(uri: str, dest: str | os.PathLike, sha256: str | None = None, *, retri
         raise ChecksumError(f"{uri}: sha256 mismatch: expected {sha256}, got {actual}")
     os.replace(part, dest)
     return dest
+
+
+def local_file(uri: str) -> Path | None:
+    """The local file that a file:// URI (or a plain path) is copied from; None for any other URI."""
+    m = _SCHEME.match(uri)
+    if m and m.group(1).lower() != "file":
+        return None
+    return _local_path(uri)
 
 
 def _local_path(uri: str) -> Path:

@@ -18,6 +18,9 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
 # Optional fields an sft row may carry: a system prompt, and earlier turns as
 # alternating user/assistant messages, JSON-encoded (a list of {"role", "content"}).
 SFT_OPTIONAL = ("system", "history")
+# Every field a source may give a template for (each kind's fields, sft's optional ones after its own).
+TEMPLATE_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(
+    field for kind, fields in KIND_FIELDS.items() for field in (*fields, *(SFT_OPTIONAL if kind == "sft" else ()))))
 
 
 def row_schema(kind: str) -> pa.Schema:
