@@ -385,7 +385,8 @@ def slurm_jobs(cluster):
     """SLURM's view of every job it still remembers: id -> (state, GPUs asked for, resources allocated)."""
     out = subprocess.run(["squeue", "--states=all", "--noheader", "-O", "JobID:|,State:|,tres-per-job:|,tres-alloc:"],
                          env=cluster.env, capture_output=True, text=True, check=True).stdout
-    return {job: (state, gpus, alloc.strip()) for job, state, gpus, alloc in (line.split("|") for line in out.splitlines())}
+    rows = (line.split("|") for line in out.splitlines())
+    return {job: (state, gpus, alloc.strip()) for job, state, gpus, alloc in rows}
 
 
 def test_slurm_profile_runs_every_job_as_a_slurm_job(slurm_dag):

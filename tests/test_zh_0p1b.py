@@ -26,8 +26,8 @@ from test_workflow import job_counts
 from zhlm.data.formats import parse_source
 from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.model import LlamaForCausalLM, ModelConfig
-from zhlm.train.loop import TrainConfig, start, train
 from zhlm.train.batches import TokenWindows
+from zhlm.train.loop import TrainConfig, start, train
 from zhlm.train.pretrain import next_token_loss
 
 REPO = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ rule rollouts:
         settings=config["rollouts"],
     threads: workflow.cores
     resources:
-        gpu=min(1, gpus("sft")),  # the SFT model answers the prompts
+        gpu=gpus("rollouts"),
     log:
         "results/logs/rollouts.log",
     benchmark:

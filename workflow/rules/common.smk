@@ -80,9 +80,10 @@ def launcher(stage):
 
 
 def gpus(stage):
-    """GPUs a model job of this stage asks for: one per process, none when its device is cpu."""
+    """GPUs a model job of this stage (pretrain, sft, dpo, rollouts, eval) asks for: one per
+    process (training stages may run several), none when its device is cpu."""
     settings = config[stage]
-    return 0 if settings["device"] == "cpu" else settings["nproc"]
+    return 0 if settings["device"] == "cpu" else settings.get("nproc", 1)
 
 
 def training_resources(stage):

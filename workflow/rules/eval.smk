@@ -16,7 +16,7 @@ rule eval_stage:
         settings=config["eval"],
     threads: workflow.cores
     resources:
-        gpu=lambda w: min(1, gpus(w.stage)),
+        gpu=gpus("eval"),
     log:
         "results/logs/eval/{stage}.log",
     benchmark:

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import ssl
 import time
 import urllib.error
@@ -168,7 +167,7 @@ def _download(uri, url, part, headers, token, *, retries, timeout, backoff, prog
             return
         except _Transient as e:
             err, retry_after = str(e), e.retry_after
-        except (http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout) as e:
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as e:
             err, retry_after = f"{type(e).__name__}: {e}", None
         except urllib.error.URLError as e:
             # HTTPError is handled inside _download_once; a certificate problem won't fix itself.
