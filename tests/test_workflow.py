@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from zhlm.data import demo
 from zhlm.data.split import item_key
-from zhlm.model import TOKENIZER_FILES
+from zhlm.io import TOKENIZER_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/tokens/train.bin"

@@ -16,6 +16,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# The Hugging Face tokenizer files a model folder carries, and every file of a stage's model
+# folder (save_pretrained writes them, the training loop train_log.csv). Here, not in
+# zhlm.model, so that the workflow can name them without importing torch.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "train_log.csv")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):

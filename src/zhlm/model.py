@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zhlm.io import atomic_path, write_json
+from zhlm.io import TOKENIZER_FILES, atomic_path, write_json
 
 
 @dataclass
@@ -338,9 +338,6 @@ def load_model(model_dir: str | os.PathLike, device="cpu") -> LlamaForCausalLM:
     return model.to(device)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# Every file of a stage's model folder (save_pretrained writes them; the training loop writes train_log.csv).
-MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "train_log.csv")
 
 
 def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,

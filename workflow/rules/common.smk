@@ -7,7 +7,7 @@ import sys
 from zhlm.data.fetch import file_name, local_file
 from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
-from zhlm.model import MODEL_FILES, TOKENIZER_FILES
+from zhlm.io import MODEL_FILES, TOKENIZER_FILES
 
 SOURCES = config["sources"]
 
@@ -51,7 +51,7 @@ def tokenizer_training_text():
 
 def tokenizer_files():
     """build_tokenizer's outputs that a training stage reads: tokenizer.json, and the files
-    save_pretrained copies into the stage's model folder (zhlm.model.TOKENIZER_FILES)."""
+    save_pretrained copies into the stage's model folder (zhlm.io.TOKENIZER_FILES)."""
     files = [f for f in rules.build_tokenizer.output if os.path.basename(f) in TOKENIZER_FILES]
     assert len(files) == len(TOKENIZER_FILES), files
     return files
