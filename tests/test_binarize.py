@@ -37,6 +37,19 @@ def test_documents_round_trip_through_the_token_file(tmp_path):
     assert [tok.decode(d[:-1].tolist()) for d in docs] == [t for t in texts if t]
 
 
+def test_shard_files_give_the_token_file_of_their_concatenation(tmp_path):
+    byte_tokenizer(tmp_path / "tok.json")
+    texts = ["一", "二三", "", "四五六", "七"]
+    write_parquet(pa.table({"text": texts}), tmp_path / "all.parquet")
+    shards = [tmp_path / "0.parquet", tmp_path / "1.parquet", tmp_path / "2.parquet"]
+    for shard, part in zip(shards, (texts[:2], [], texts[2:])):
+        write_parquet(pa.table({"text": pa.array(part, pa.string())}), shard)
+    whole = binarize(tmp_path / "all.parquet", tmp_path / "tok.json", tmp_path / "all.bin", progress=False)
+    sharded = binarize(shards, tmp_path / "tok.json", tmp_path / "sharded.bin", batch_size=1, progress=False)
+    assert (tmp_path / "all.bin").read_bytes() == (tmp_path / "sharded.bin").read_bytes()
+    assert {**whole, "file": None} == {**sharded, "file": None}
+
+
 def test_large_vocab_uses_uint32(tmp_path):
     byte_tokenizer(tmp_path / "tok.json", extra_vocab=70000)
     write_parquet(pa.table({"text": ["abc"]}), tmp_path / "d.parquet")

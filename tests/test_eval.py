@@ -1,8 +1,10 @@
 """Eval: metrics, bits per character, preference accuracy, multiple choice, idiom choice set, report."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from zhlm.eval import (
     write_report,
 )
 from zhlm.eval.choice import LETTERS, answer_logps, choice_scores, letter_prompt
+from zhlm.eval.run import _text_budget
 from zhlm.eval.tasks import score_task
 from zhlm.model import LlamaForCausalLM, ModelConfig, save_model
 from zhlm.tokenizer.bpe import build_from_texts, save_tokenizer
@@ -276,3 +279,27 @@ def test_evaluate_model_and_report(model, tokenizer, tmp_path):
     for needle in ("pretrain", "sft", "unigram baseline", f"{sft['bpc']['bpc']:.3f}", "segmentation",
                    "ceval_sample", "你好，请介绍一下你自己。", "](../sft/loss.png)"):
         assert needle in text
+
+
+def test_text_budget_streams_the_same_texts_as_sorting_all_of_them():
+    """The held-out budget is the first texts in hash order that fit, whatever the order they come in."""
+    def digest(text):
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+    def by_sorting(texts, max_chars):
+        out, chars = [], 0
+        for text in sorted((t for t in texts if t), key=digest):
+            if out and chars + len(text) > max_chars:
+                break
+            out.append(text)
+            chars += len(text)
+        return out
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        texts = ["".join(rng.choice("甲乙丙丁戊己") for _ in range(rng.randint(0, 12)))
+                 for _ in range(rng.randint(0, 30))]
+        max_chars = rng.randint(1, 60)
+        expected = by_sorting(texts, max_chars)
+        assert _text_budget(iter(texts), max_chars) == expected
+        assert _text_budget(reversed(texts), max_chars) == expected

@@ -74,9 +74,14 @@ def setup_logging(log_path: str | os.PathLike | None = None) -> logging.Logger:
     return logging.getLogger("zhlm")
 
 
+def as_paths(paths) -> list:
+    """One path or several, as a list: stages read a split as the list of its shard files."""
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
 def read_parquets(paths) -> pa.Table:
-    """Read several parquet files of one schema as one table, in the given order."""
-    return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
+    """Read one parquet file, or several of one schema as one table, in the given order."""
+    return pa.concat_tables([pq.read_table(p) for p in as_paths(paths)], promote_options="default")
 
 
 def concat_parquet(paths, out: str | os.PathLike) -> None:

@@ -6,8 +6,8 @@ rule sft:
     input:
         init=model_folder("pretrain"),
         tokenizer=tokenizer_files(),
-        train="results/split/sft/train.parquet",
-        val="results/split/sft/eval.parquet",
+        train=split_files("sft", "train"),
+        val=split_files("sft", "eval"),
     output:
         folder=model_folder("sft"),
         plot=report("results/sft/loss.png", category="Training", caption="../report/loss.rst"),
@@ -38,7 +38,7 @@ rule sft:
 rule rollouts:
     input:
         model=model_folder("sft"),
-        prompts="results/split/sft/dpo_prompts.parquet",
+        prompts=split_files("sft", "dpo_prompts"),
     output:
         pairs="results/rollouts/pairs.parquet",
         stats="results/rollouts/stats.json",
@@ -62,8 +62,8 @@ rule dpo:
     input:
         sft=model_folder("sft"),
         tokenizer=tokenizer_files(),
-        pairs=["results/rollouts/pairs.parquet"] + (["results/split/dpo/train.parquet"] if sources_of("dpo") else []),
-        eval_pairs=["results/split/dpo/eval.parquet"] if sources_of("dpo") else [],
+        pairs=["results/rollouts/pairs.parquet"] + (split_files("dpo", "train") if sources_of("dpo") else []),
+        eval_pairs=split_files("dpo", "eval") if sources_of("dpo") else [],
     output:
         folder=model_folder("dpo"),
         plot=report("results/dpo/loss.png", category="Training", caption="../report/loss.rst"),

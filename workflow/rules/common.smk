@@ -40,13 +40,19 @@ def clean_shards(source):
     return [f"results/clean/shards/{source}/{i}.parquet" for i in range(SOURCES[source]["shards"])]
 
 
+def split_files(kind, name):
+    """The parquet files of one split of a kind (for example sft, train): every stage after
+    the split reads a split as this list."""
+    return [f"results/split/{kind}/{name}.parquet"]
+
+
 def split_outputs():
-    return [f"results/split/{kind}/{name}.parquet" for kind in kinds() for name in SPLITS[kind]]
+    return [f for kind in kinds() for name in SPLITS[kind] for f in split_files(kind, name)]
 
 
 def tokenizer_training_text():
     """Every training split: the tokenizer never sees held-out text."""
-    return [f"results/split/{kind}/train.parquet" for kind in kinds()]
+    return [f for kind in kinds() for f in split_files(kind, "train")]
 
 
 def tokenizer_files():
@@ -105,11 +111,11 @@ def script_path(name):
 
 def eval_inputs(wildcards):
     """What a stage is scored on: held-out text for all; tasks, pairs and choice sets after SFT."""
-    inputs = {"model": model_folder(wildcards.stage), "val": "results/split/pretrain/val.parquet",
-              "train": "results/split/pretrain/train.parquet"}
+    inputs = {"model": model_folder(wildcards.stage), "val": split_files("pretrain", "val"),
+              "train": split_files("pretrain", "train")}
     if wildcards.stage != "pretrain":
-        inputs["tasks"] = "results/split/sft/eval.parquet"
+        inputs["tasks"] = split_files("sft", "eval")
         inputs["pairs"] = ["results/rollouts/pairs.parquet"] + (
-            ["results/split/dpo/eval.parquet"] if sources_of("dpo") else [])
+            split_files("dpo", "eval") if sources_of("dpo") else [])
         inputs["choice"] = [f"results/clean/{s}.parquet" for s in sources_of("choice")]
     return inputs

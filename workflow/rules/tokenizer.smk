@@ -43,8 +43,8 @@ rule build_tokenizer:
 
 rule binarize:
     input:
-        train="results/split/pretrain/train.parquet",
-        val="results/split/pretrain/val.parquet",
+        train=split_files("pretrain", "train"),
+        val=split_files("pretrain", "val"),
         tokenizer=rules.build_tokenizer.output.tokenizer,
     output:
         train="results/tokens/train.bin",

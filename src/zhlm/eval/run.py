@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -20,7 +22,8 @@ from zhlm.eval.choice import choice_accuracy
 from zhlm.eval.preference import preference_accuracy
 from zhlm.eval.tasks import answer_prompts, evaluate_tasks, select_rows
 from zhlm.inference import load
-from zhlm.io import read_parquet
+from zhlm.io import read_parquets
+from zhlm.tokenizer.word_counts import iter_parquet_texts
 
 SAMPLE_PROMPTS = (
     "你好，请介绍一下你自己。",
@@ -52,22 +55,32 @@ def _first(rows: list[dict] | None, limit: int | None) -> list[dict]:
     return sorted(rows or [], key=lambda r: r["id"])[:limit]
 
 
-def _text_budget(texts: list[str], max_chars: int | None) -> list[str]:
+def _text_budget(texts: Iterable[str], max_chars: int | None) -> list[str]:
     """Whole texts, in an order fixed by a hash of each text, up to `max_chars` characters.
 
-    Hash order mixes the sources, which sit in blocks in the file; it always keeps one text.
+    Hash order mixes the sources, which sit in blocks in the files, and does not depend on
+    how the files are sharded; it always keeps one text. Streamed: only the texts in the
+    budget are held, whatever the size of the held-out split.
     """
-    texts = [t for t in texts if t]
     if max_chars is None:
-        return texts
-    texts = sorted(texts, key=lambda t: hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest())
-    out, chars = [], 0
+        return [t for t in texts if t]
+    # The texts so far with the smallest hashes, as a max-heap (hash bytes inverted), and
+    # `cut`, the smallest hash dropped so far: no text at or after it is in the budget.
+    heap: list[tuple[bytes, str]] = []
+    chars, cut = 0, None
     for text in texts:
-        if out and chars + len(text) > max_chars:
-            break
-        out.append(text)
+        if not text:
+            continue
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        if cut is not None and digest >= cut:
+            continue
+        heapq.heappush(heap, (bytes(255 - b for b in digest), text))
         chars += len(text)
-    return out
+        while len(heap) > 1 and chars > max_chars:
+            inverted, dropped = heapq.heappop(heap)
+            chars -= len(dropped)
+            cut = bytes(255 - b for b in inverted)
+    return [text for _, text in sorted(heap, reverse=True)]
 
 
 def sample_answers(model, tokenizer: Tokenizer, task_rows: list[dict] | None, *, per_task: int = 1,
@@ -81,8 +94,8 @@ def sample_answers(model, tokenizer: Tokenizer, task_rows: list[dict] | None, *,
     return [{**s, "answer": a} for s, a in zip(samples, answers)]
 
 
-def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[str],
-                   train_texts_for_baseline: list[str] | None = None, task_rows: list[dict] | None = None,
+def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: Iterable[str],
+                   train_texts_for_baseline: Iterable[str] | None = None, task_rows: list[dict] | None = None,
                    pairs: list[dict] | None = None, choice_sets: dict[str, list[dict]] | None = None,
                    seq_len: int, settings: dict | None = None) -> dict:
     """Run every evaluation that applies to `stage` on the model folder `model_dir`.
@@ -107,7 +120,7 @@ def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[
 
     texts = _text_budget(val_texts, s.max_bpc_chars)
     result["bpc"] = timed("bpc", lambda: evaluate_bpc(model, tokenizer, texts, seq_len=seq_len, batch_size=bs))
-    if train_texts_for_baseline:
+    if train_texts_for_baseline is not None:
         result["unigram_bpc"] = timed("unigram", lambda: unigram_bpc(train_texts_for_baseline, texts))
     if stage == "pretrain":
         return result
@@ -130,25 +143,24 @@ def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: list[
     return result
 
 
-def evaluate_files(model_dir, *, stage: str, val_parquet, train_parquet=None, tasks_parquet=None,
-                   pair_parquets=(), choice_parquets: dict | None = None, holdout: float = 0.0,
+def evaluate_files(model_dir, *, stage: str, val_files, train_files=(), task_files=(),
+                   pair_files=(), choice_files: dict | None = None, holdout: float = 0.0,
                    seq_len: int, settings: dict | None = None) -> dict:
-    """evaluate_model on the workflow's files.
+    """evaluate_model on the workflow's files (each a list of parquet files, a split's shards).
 
-    Held-out pairs are the rows of split "eval" (or files without a split column);
-    choice_parquets maps a set's name to (path, heldout_only): a set built from
+    Texts are streamed: the held-out text up to its budget, the training text once for the
+    unigram baseline. Held-out pairs are the rows of split "eval" (or files without a split
+    column); choice_files maps a set's name to (path, heldout_only): a set built from
     training data is scored on its held-out band only.
     """
-    def rows(path):
-        return read_parquet(path).to_pylist() if path else None
+    def rows(paths):
+        return read_parquets(paths).to_pylist() if paths else None
 
-    def texts(path):
-        return [r["text"] for r in rows(path)] if path else None
-
-    pairs = [r for p in pair_parquets for r in rows(p) if r.get("split", "eval") == "eval"]
+    pairs = [r for r in rows(pair_files) or [] if r.get("split", "eval") == "eval"]
     choice_sets = {}
-    for name, (path, heldout_only) in (choice_parquets or {}).items():
+    for name, (path, heldout_only) in (choice_files or {}).items():
         choice_sets[name] = [r for r in rows(path) if not heldout_only or split_point(r["id"]) < holdout]
-    return evaluate_model(model_dir, stage=stage, val_texts=texts(val_parquet),
-                          train_texts_for_baseline=texts(train_parquet), task_rows=rows(tasks_parquet),
-                          pairs=pairs, choice_sets=choice_sets, seq_len=seq_len, settings=settings)
+    return evaluate_model(
+        model_dir, stage=stage, val_texts=iter_parquet_texts(val_files, ["text"]),
+        train_texts_for_baseline=iter_parquet_texts(train_files, ["text"]) if train_files else None,
+        task_rows=rows(task_files), pairs=pairs, choice_sets=choice_sets, seq_len=seq_len, settings=settings)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from zhlm.generate import Sampling, generate
 from zhlm.inference import load
-from zhlm.io import read_parquet
+from zhlm.io import read_parquets
 from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
 
 
@@ -87,11 +87,12 @@ def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_siz
     return table, stats
 
 
-def run(model_dir, prompts_parquet, *, settings: dict, progress: bool = True) -> tuple[pa.Table, dict]:
-    """Rollouts of the model in model_dir on the first max_prompts prompts (by id); settings: RolloutConfig."""
+def run(model_dir, prompt_files, *, settings: dict, progress: bool = True) -> tuple[pa.Table, dict]:
+    """Rollouts of the model in model_dir on the first max_prompts prompts (by id) of prompt_files
+    (a parquet path or a list); settings: RolloutConfig."""
     cfg = RolloutConfig(**settings)
     lm = load(model_dir, cfg.device)
-    rows = sorted(read_parquet(prompts_parquet).to_pylist(), key=lambda r: r["id"])[:cfg.max_prompts]
+    rows = sorted(read_parquets(prompt_files).to_pylist(), key=lambda r: r["id"])[:cfg.max_prompts]
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     return rollout(lm.model, lm.tokenizer, rows, sampling, batch_size=cfg.batch_size, seed=cfg.seed,
                    max_similarity=cfg.max_similarity, eval_fraction=cfg.eval_fraction, progress=progress)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from zhlm.io import read_parquet
+from zhlm.io import as_paths, read_parquets
 from zhlm.lm import IGNORE, check_context, count_labels, lm_loss, pad_batch, token_nll
 from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import chat_stop_ids, encode_chats, messages_of
@@ -63,22 +63,23 @@ def examples_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
     return total / max(1, count)
 
 
-def run(init_dir, tokenizer_dir, train_parquet, eval_parquet, out_dir, ckpt_dir, *, settings: dict,
+def run(init_dir, tokenizer_dir, train_files, eval_files, out_dir, ckpt_dir, *, settings: dict,
         progress: bool = True) -> list[dict]:
     """Fine-tune the model in init_dir on ChatML conversations; write a HF model folder to out_dir.
 
+    train_files, eval_files: the parquet files (a path or a list) of the training and held-out splits.
     settings: TrainConfig fields (seq_len: longest example, in tokens; eval_examples).
     """
     init_dir = Path(init_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     cfg, device, fingerprint = start(settings, [init_dir / "model.safetensors", tokenizer_file,
-                                                train_parquet, eval_parquet])
+                                                *as_paths(train_files), *as_paths(eval_files)])
     model = load_model(init_dir, device)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     check_context(model.config, cfg.seq_len)
     max_len = cfg.seq_len + 1  # seq_len inputs and their seq_len next tokens
-    examples, skipped = encode_rows(tokenizer, read_parquet(train_parquet).to_pylist(), max_len)
-    eval_rows = sorted(read_parquet(eval_parquet).to_pylist(), key=lambda r: r["id"])
+    examples, skipped = encode_rows(tokenizer, read_parquets(train_files).to_pylist(), max_len)
+    eval_rows = sorted(read_parquets(eval_files).to_pylist(), key=lambda r: r["id"])
     val_examples, _ = encode_rows(tokenizer, eval_rows[:cfg.eval_examples], max_len)
     log.info("%d training conversations (%d skipped: no answer token within %d tokens)",
              len(examples), skipped, max_len)
