@@ -236,7 +236,7 @@ def rule_figures(work: Path) -> dict[str, RuleFigures]:
     return figures
 
 
-def ids_in(work: Path, pattern: str, columns: list[str]) -> list[dict]:
+def parquet_rows(work: Path, pattern: str, columns: list[str]) -> list[dict]:
     """Rows (only `columns`) of every parquet file under work/results matching `pattern`."""
     rows = []
     for path in sorted((work / "results").glob(pattern)):
@@ -246,8 +246,9 @@ def ids_in(work: Path, pattern: str, columns: list[str]) -> list[dict]:
 
 def dedup_quality(work: Path, rows: list[dict]) -> dict:
     """Recall on planted copies (exact, near, near by length) and the share of distinct documents removed."""
-    removed = {r["id"]: r["duplicate_of"] for r in ids_in(work, "dedup/**/*removed.parquet", ["id", "duplicate_of"])}
-    rejected = {r["id"] for r in ids_in(work, "**/*rejects.parquet", ["id"])}
+    removals = parquet_rows(work, "dedup/**/*removed.parquet", ["id", "duplicate_of"])
+    removed = {r["id"]: r["duplicate_of"] for r in removals}
+    rejected = {r["id"] for r in parquet_rows(work, "**/*rejects.parquet", ["id"])}
     texts = {r["id"]: r["text"] for r in rows}
     copies = [i for i in texts if "#" in i]
     copied = {c.split("#")[0] for c in copies}
