@@ -30,7 +30,7 @@ from zhlm.io import parquet_writer
 FORMATS = ("jsonl", "json", "parquet", "csv", "txt")
 RAW_MAX = 2000           # characters of a rejected record kept for inspection
 BATCH_ROWS = 65536       # rows buffered as dicts before they become an Arrow table (a row group)
-BATCH_CHARS = 1 << 25    # ... or fewer rows, when their text reaches this many characters
+BATCH_CHARS = 1 << 23    # ... or fewer rows, when their text reaches this many characters (8M)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"
 
