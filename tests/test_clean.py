@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from zhlm.data import demo
-from zhlm.data.clean import cjk_ratio, clean_shard, clean_table, clean_text, shard_slice
+from zhlm.data.clean import cjk_ratio, clean_table, clean_text
 from zhlm.data.schema import REJECT_SCHEMA, rows_table
 
 
@@ -185,27 +185,14 @@ def test_empty_table():
     assert stats["rows_in"] == stats["rows_kept"] == stats["rows_rejected"] == 0
 
 
-@pytest.mark.parametrize("n_rows", [0, 1, 7, 100, 1001])
-@pytest.mark.parametrize("n_shards", [1, 2, 3, 8, 16])
-def test_shard_slices_cover_every_row_once(n_rows, n_shards):
-    slices = [shard_slice(n_rows, k, n_shards) for k in range(n_shards)]
-    covered = [i for start, stop in slices for i in range(start, stop)]
-    assert covered == list(range(n_rows))
-    sizes = [stop - start for start, stop in slices]
-    assert max(sizes) - min(sizes) <= 1
-
-
-def test_bad_shards_fail():
-    for shard, n_shards in ((2, 2), (-1, 2), (0, 0)):
-        with pytest.raises(ValueError):
-            shard_slice(10, shard, n_shards)
-
-
 def test_shards_add_up_to_the_whole():
     texts = ["正常的中文句子。", "", "短", "另一个正常的句子！", "English only here.", "第三个正常句子。"] * 5
     table = _pretrain(texts)
     whole = clean_table(table, "pretrain", min_chars=3, min_cjk_ratio=0.5)
-    parts = [clean_shard(table, "pretrain", shard=k, n_shards=4, min_chars=3, min_cjk_ratio=0.5) for k in range(4)]
+    # Parse shards of uneven sizes, each cleaned whole; index_offset is the rows before it.
+    bounds = [0, 4, 5, 5, 17, len(texts)]
+    parts = [clean_table(table.slice(lo, hi - lo), "pretrain", index_offset=lo, min_chars=3, min_cjk_ratio=0.5)
+             for lo, hi in zip(bounds, bounds[1:])]
     assert pa.concat_tables([p[0] for p in parts]).equals(whole[0])
     assert pa.concat_tables([p[1] for p in parts]).equals(whole[1])    # indexes point into the whole table
     assert sum(p[2]["rows_in"] for p in parts) == len(texts)

@@ -26,6 +26,7 @@ from slurm_cluster import ClusterUnavailable, SlurmCluster
 from tokenizers import Tokenizer
 
 from zhlm.data import demo
+from zhlm.data.schema import merge_stats
 from zhlm.data.split import item_key
 from zhlm.io import TOKENIZER_FILES
 
@@ -100,10 +101,17 @@ def test_row_accounting_adds_up_in_every_stats_file(dag):
     workdir, config, _ = dag
     results = workdir / "results"
     for source in config["sources"]:
-        parsed = stats(results / f"parsed/{source}.stats.json")
-        assert parsed["rows_in"] == parsed["rows_kept"] + parsed["rows_rejected"]
-        assert parsed["rows_kept"] == pq.read_metadata(results / f"parsed/{source}.parquet").num_rows
-        assert parsed["rows_rejected"] == pq.read_metadata(results / f"parsed/{source}.rejects.parquet").num_rows
+        shards = range(config["sources"][source].get("shards", 1))
+        for shard in shards:  # each parse shard, and clean's shard of it, adds up
+            parsed = stats(results / f"parsed/{source}/{shard}.stats.json")
+            assert parsed["rows_in"] == parsed["rows_kept"] + parsed["rows_rejected"]
+            assert parsed["rows_kept"] == pq.read_metadata(results / f"parsed/{source}/{shard}.parquet").num_rows
+            assert parsed["rows_rejected"] == pq.read_metadata(
+                results / f"parsed/{source}/{shard}.rejects.parquet").num_rows
+            assert stats(results / f"clean/shards/{source}/{shard}.stats.json")["rows_in"] == parsed["rows_kept"]
+        parsed = merge_stats([stats(results / f"parsed/{source}/{shard}.stats.json") for shard in shards])
+        if limit := config["sources"][source].get("limit"):  # the first `limit` records of the whole source
+            assert parsed["rows_in"] == min(limit, parsed["rows_in"] + parsed["records_beyond_limit"])
         clean = stats(results / f"clean/{source}.stats.json")
         assert clean["rows_in"] == parsed["rows_kept"]
         assert clean["rows_in"] == clean["rows_kept"] + clean["rows_rejected"]
@@ -123,7 +131,7 @@ def test_row_accounting_adds_up_in_every_stats_file(dag):
 
 def test_malformed_rows_are_rejected_with_their_reason(dag):
     workdir, _, _ = dag
-    rejects = {r["id"] or r["index"]: r["reason"] for r in table(workdir / "results/parsed/planted.rejects.parquet")}
+    rejects = {r["id"] or r["index"]: r["reason"] for r in table(workdir / "results/parsed/planted/0.rejects.parquet")}
     assert rejects == {5: "bad json", 6: "invalid utf-8", "planted:nofield": "missing field 'text'",
                        "planted:empty": "empty field 'text'"}
 
@@ -267,11 +275,11 @@ def test_a_local_source_file_is_the_input_of_its_download(tmp_path):
     config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
     config["sources"]["local"] = {"kind": "pretrain", "uri": local.as_uri()}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    run = snakemake(tmp_path, "-n", "results/parsed/local.parquet")
+    run = snakemake(tmp_path, "-n", "results/parsed/local/0.parquet")
     assert run.returncode == 0, run.stderr[-5000:]
     assert f"    input: {local}\n    output: results/raw/local/news.jsonl\n" in run.stdout
     local.unlink()  # a missing local file fails before any job runs, naming it
-    run = snakemake(tmp_path, "-n", "results/parsed/local.parquet")
+    run = snakemake(tmp_path, "-n", "results/parsed/local/0.parquet")
     assert run.returncode != 0 and "MissingInputException" in run.stdout + run.stderr
     assert str(local) in run.stdout + run.stderr
 

@@ -111,7 +111,7 @@ def test_dry_run_lists_the_whole_dag_without_the_network(config, tmp_path):
     trained = [name for name, src in sources.items() if src["kind"] != "choice"]
     kinds = [k for k in ("pretrain", "sft", "dpo") if any(sources[n]["kind"] == k for n in trained)]
     expected = {
-        "download": len(trained), "parse": len(trained),
+        "download": len(trained), "parse": sum(sources[n].get("shards", 1) for n in trained),
         "clean_shard": sum(sources[n].get("shards", 1) for n in trained), "gather_clean": len(trained),
         "dedup": len(kinds), **{f"split_{k}": 1 for k in kinds},
         "count_words": 1, "build_tokenizer": 1, "binarize": 1,

@@ -42,6 +42,14 @@ def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
+@contextlib.contextmanager
+def parquet_writer(path: str | os.PathLike, schema: pa.Schema):
+    """Write a parquet file table by table (each `write_table` adds row groups), so memory
+    holds one batch, never the file; zstd, and renamed into place only on success."""
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        yield writer
+
+
 def read_parquet(path: str | os.PathLike) -> pa.Table:
     return pq.read_table(path)
 

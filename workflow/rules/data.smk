@@ -1,4 +1,4 @@
-# Data stages: download -> parse -> clean (sharded) -> dedup -> split.
+# Data stages: download -> parse (sharded) -> clean (one job per parse shard) -> dedup -> split.
 
 
 rule download:
@@ -20,39 +20,43 @@ rule download:
         "../scripts/download.py"
 
 
+# A source with `shards: N` is parsed as N parallel jobs, each streaming its part of the file.
 rule parse:
     input:
         lambda w: raw_file(w.source),
     output:
-        rows="results/parsed/{source}.parquet",
-        rejects="results/parsed/{source}.rejects.parquet",
-        stats="results/parsed/{source}.stats.json",
+        rows="results/parsed/{source}/{shard}.parquet",
+        rejects="results/parsed/{source}/{shard}.rejects.parquet",
+        stats="results/parsed/{source}/{shard}.stats.json",
     params:
         kind=lambda w: SOURCES[w.source]["kind"],
         format=lambda w: SOURCES[w.source]["format"],
         templates=lambda w: templates(w.source),
         id_template=lambda w: SOURCES[w.source].get("id"),
         limit=lambda w: SOURCES[w.source].get("limit"),
+        shards=lambda w: SOURCES[w.source]["shards"],
     log:
-        "results/logs/parse/{source}.log",
+        "results/logs/parse/{source}/{shard}.log",
     benchmark:
-        "results/benchmarks/parse/{source}.tsv"
+        "results/benchmarks/parse/{source}/{shard}.tsv"
     conda:
         "../../envs/zhlm.yaml"
     script:
         "../scripts/parse.py"
 
 
+# One clean job per parse shard. The stats of the parse shards before it give the number
+# of rows before this one, so reject indexes point into the whole source's parsed rows.
 rule clean_shard:
     input:
-        "results/parsed/{source}.parquet",
+        rows="results/parsed/{source}/{shard}.parquet",
+        before=lambda w: [f"results/parsed/{w.source}/{i}.stats.json" for i in range(int(w.shard))],
     output:
         rows="results/clean/shards/{source}/{shard}.parquet",
         rejects="results/clean/shards/{source}/{shard}.rejects.parquet",
         stats="results/clean/shards/{source}/{shard}.stats.json",
     params:
         kind=lambda w: SOURCES[w.source]["kind"],
-        shards=lambda w: SOURCES[w.source]["shards"],
         filters=lambda w: config["clean"][SOURCES[w.source]["kind"]],
     log:
         "results/logs/clean/{source}/{shard}.log",

@@ -237,26 +237,3 @@ def clean_table(table: pa.Table, kind: str, *, min_chars: int = 1, max_chars: in
         "chars_out": chars_out,
     }
     return kept, rejects_table(rejects), stats
-
-
-def shard_slice(n_rows: int, shard: int, n_shards: int) -> tuple[int, int]:
-    """Contiguous [start, stop) of shard `shard` of `n_shards`; the shards cover all rows once.
-
-    Shard sizes differ by at most one row.
-    """
-    if n_shards < 1 or not 0 <= shard < n_shards:
-        raise ValueError(f"shard must be in [0, {n_shards}), got {shard} (n_shards={n_shards})")
-    if n_rows < 0:
-        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
-    return n_rows * shard // n_shards, n_rows * (shard + 1) // n_shards
-
-
-def clean_shard(table: pa.Table, kind: str, *, shard: int = 0, n_shards: int = 1,
-                **filters) -> tuple[pa.Table, pa.Table, dict]:
-    """`clean_table` on shard `shard` of `n_shards` of `table` (see `shard_slice`).
-
-    Reject indexes are positions in the whole table, so the shards' rejects
-    concatenate into the source's.
-    """
-    start, stop = shard_slice(table.num_rows, shard, n_shards)
-    return clean_table(table.slice(start, stop - start), kind, index_offset=start, **filters)

@@ -1,4 +1,7 @@
-"""Read source files (jsonl, json, parquet, csv, txt) into the unified row schemas.
+"""Read source files (jsonl, json, parquet, csv, txt, and .gz) into the unified row schemas.
+
+Files are read as streams and written as they are read, so memory holds one batch of rows,
+never the file; a source can be parsed as several shards that concatenate to the whole.
 
 A bad record never stops a source: it becomes a reject with a reason, so that
 rows in = rows kept + rows rejected holds for every source.
@@ -17,14 +20,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zhlm.data.schema import KIND_FIELDS, SFT_OPTIONAL, rejects_table, rows_table
+from zhlm.data.schema import KIND_FIELDS, REJECT_SCHEMA, SFT_OPTIONAL, rejects_table, row_schema, rows_table
+from zhlm.io import parquet_writer
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "txt")
 RAW_MAX = 2000           # characters of a rejected record kept for inspection
-BATCH_ROWS = 65536       # rows buffered as dicts before they become an Arrow table
+BATCH_ROWS = 65536       # rows buffered as dicts before they become an Arrow table (a row group)
+BATCH_CHARS = 1 << 23    # ... or fewer rows, when their text reaches this many characters (8M)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"
 
@@ -53,8 +59,12 @@ class MissingField(KeyError):
 
 def _open(path, mode: str = "rb", **kw):
     """Open a file, decompressing .gz transparently."""
-    opener = gzip.open if str(path).endswith(".gz") else open
+    opener = gzip.open if _gzipped(path) else open
     return opener(path, mode, **kw)
+
+
+def _gzipped(path) -> bool:
+    return str(path).endswith(".gz")
 
 
 def _raw(data: bytes | str) -> str:
@@ -63,21 +73,71 @@ def _raw(data: bytes | str) -> str:
     return data.rstrip("\r\n")[:RAW_MAX]
 
 
-def _lines(path) -> Iterator[tuple[int, bytes]]:
-    """Non-blank lines as bytes, numbered from 0, BOM and line ending stripped."""
-    index = 0
+def shard_range(n: int, shard: int, n_shards: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of shard `shard` of `n_shards` over n items (records, bytes or
+    row groups); the shards cover every item once, and their sizes differ by at most one."""
+    if n_shards < 1 or not 0 <= shard < n_shards:
+        raise ValueError(f"shard must be in [0, {n_shards}), got {shard} (n_shards={n_shards})")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return n * shard // n_shards, n * (shard + 1) // n_shards
+
+
+def _nonblank_lines(f, start: int, stop: int | None) -> Iterator[bytes]:
+    """The non-blank lines of binary file `f` that start in [start, stop) (`start` is a line
+    start), BOM and line ending stripped; stop None reads to the end."""
+    f.seek(start)
+    pos = start
+    for line in f:
+        if stop is not None and pos >= stop:
+            return
+        at_start, pos = pos == 0, pos + len(line)
+        if at_start and line.startswith(_BOM):
+            line = line[len(_BOM):]
+        if line.strip():
+            yield line.rstrip(b"\r\n")
+
+
+def _line_start(f, pos: int) -> int:
+    """The first line start at or after byte `pos`."""
+    if pos == 0:
+        return 0
+    f.seek(pos - 1)
+    f.readline()  # the rest of the line holding byte pos - 1
+    return f.tell()
+
+
+def _lines(path, shard: int = 0, n_shards: int = 1) -> Iterator[tuple[int, bytes]]:
+    """Non-blank lines as bytes with their record index in the whole file (from 0), BOM and
+    line ending stripped. A shard owns the lines that start in its byte range; the index of
+    its first line comes from counting the non-blank lines before it, a streamed pass over
+    the bytes before the range."""
     with _open(path) as f:
-        for n, line in enumerate(f):
-            if n == 0 and line.startswith(_BOM):
-                line = line[len(_BOM):]
-            if not line.strip():
-                continue
-            yield index, line.rstrip(b"\r\n")
+        start, stop, index = 0, None, 0
+        if n_shards > 1:
+            lo, hi = shard_range(os.fstat(f.fileno()).st_size, shard, n_shards)
+            start, stop = _line_start(f, lo), _line_start(f, hi)
+            index = sum(1 for _ in _nonblank_lines(f, 0, start))
+        for line in _nonblank_lines(f, start, stop):
+            yield index, line
             index += 1
 
 
-def _read_jsonl(path) -> Iterator[Record]:
-    for index, line in _lines(path):
+def _record_range(read, shard: int, n_shards: int) -> Iterator[Record]:
+    """Shard by record index a file that cannot be cut by bytes (a JSON array, csv, .gz):
+    one streamed pass counts the records, a second keeps the shard's contiguous range and
+    stops after it. Memory stays one record; the cost is reading the file up to twice."""
+    total = sum(1 for _ in read())
+    lo, hi = shard_range(total, shard, n_shards)
+    for rec in read():
+        if rec.index >= hi:
+            return
+        if rec.index >= lo:
+            yield rec
+
+
+def _read_jsonl(path, shard: int = 0, n_shards: int = 1) -> Iterator[Record]:
+    for index, line in _lines(path, shard, n_shards):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -94,42 +154,61 @@ def _read_jsonl(path) -> Iterator[Record]:
             yield Record(index, None, "not an object", _raw(text))
 
 
-def _read_txt(path) -> Iterator[Record]:
-    for index, line in _lines(path):
+def _read_txt(path, shard: int = 0, n_shards: int = 1) -> Iterator[Record]:
+    for index, line in _lines(path, shard, n_shards):
         try:
             yield Record(index, {"text": line.decode("utf-8")})
         except UnicodeDecodeError:
             yield Record(index, None, "invalid utf-8", _raw(line))
 
 
+_JSON_TYPES = {b"{": "an object", b'"': "a string", b"[": "an array"}
+
+
 def _read_json(path) -> Iterator[Record]:
-    # A JSON array can only be parsed whole.
-    try:
-        with _open(path, "rt", encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8: {e}") from None
-    except (ValueError, RecursionError) as e:
-        hint = " (one object per line? use format jsonl)" if "Extra data" in str(e) else ""
-        raise ValueError(f"{path}: not valid JSON: {e}{hint}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: format json needs a top-level array, got {type(data).__name__}")
-    for index, obj in enumerate(data):
-        if isinstance(obj, dict):
-            yield Record(index, obj)
-        else:
-            yield Record(index, None, "not an object", _raw(json.dumps(obj, ensure_ascii=False)))
+    # The array is parsed incrementally (ijson): one element in memory at a time. It cannot
+    # be cut by bytes, so a shard keeps its element range (read_records, _record_range).
+    with _open(path) as f:
+        if f.peek(len(_BOM)).startswith(_BOM):
+            f.read(len(_BOM))
+        first = f.peek(1 << 16).lstrip()[:1]
+        if first and first != b"[":
+            hint = " (one object per line? use format jsonl)" if first == b"{" else ""
+            raise ValueError(f"{path}: format json needs a top-level array, got "
+                             f"{_JSON_TYPES.get(first, 'a scalar')}{hint}")
+        index = 0
+        try:
+            for obj in ijson.items(f, "item", use_float=True):
+                if isinstance(obj, dict):
+                    yield Record(index, obj)
+                else:
+                    yield Record(index, None, "not an object",
+                                 _raw(json.dumps(obj, ensure_ascii=False)))
+                index += 1
+        except ijson.JSONError as e:
+            message = e.args[0] if e.args else e
+            if isinstance(message, bytes):
+                message = message.decode("utf-8", "replace")
+            what = "not valid UTF-8" if "UTF8" in str(message) else "not valid JSON"
+            raise ValueError(f"{path}: {what} after {index} records: {message}") from None
 
 
-def _read_parquet(path) -> Iterator[Record]:
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+def _read_parquet(path, shard: int = 0, n_shards: int = 1) -> Iterator[Record]:
+    # A shard reads a contiguous range of row groups (a file of one row group is one shard's).
+    f = pq.ParquetFile(path)
+    lo, hi = shard_range(f.num_row_groups, shard, n_shards)
+    index = sum(f.metadata.row_group(g).num_rows for g in range(lo))
+    if lo == hi:
+        return
+    for batch in f.iter_batches(batch_size=8192, row_groups=range(lo, hi)):
         for obj in batch.to_pylist():
             yield Record(index, obj)
             index += 1
 
 
 def _read_csv(path) -> Iterator[Record]:
+    # Quoted fields may hold newlines, so a byte offset is no row boundary: a shard keeps
+    # its record range (read_records, _record_range).
     # surrogateescape keeps invalid bytes as lone surrogates, so one bad row is
     # detected and rejected instead of the decoder failing the whole file.
     with _open(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
@@ -169,11 +248,19 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
             "csv": _read_csv, "txt": _read_txt}
 
 
-def read_records(path: str | os.PathLike, fmt: str) -> Iterator[Record]:
-    """Stream the records of a file; unreadable records come back with `error` set."""
+def read_records(path: str | os.PathLike, fmt: str, *, shard: int = 0, n_shards: int = 1) -> Iterator[Record]:
+    """Stream the records of a file, or of shard `shard` of `n_shards`; unreadable records come
+    back with `error` set. Indexes count records in the whole file, whichever the shard, and
+    the shards in order give the records of the whole file in order."""
     if fmt not in _READERS:
         raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
-    return _READERS[fmt](Path(path))
+    shard_range(0, shard, n_shards)  # checks the shard
+    path, read = Path(path), _READERS[fmt]
+    if n_shards == 1:
+        return read(path)
+    if fmt == "parquet" or (fmt in ("jsonl", "txt") and not _gzipped(path)):
+        return read(path, shard, n_shards)  # row-group or byte ranges
+    return _record_range(lambda: read(path), shard, n_shards)  # not seekable: record ranges
 
 
 @functools.lru_cache(maxsize=256)
@@ -239,23 +326,23 @@ class _Reject(Exception):
     pass
 
 
-class _TableBuilder:
-    """Buffer dict rows and turn them into Arrow tables batch by batch."""
+class _Batches:
+    """Buffer dict rows and hand them to `write` as Arrow tables of at most BATCH_ROWS rows
+    (or about BATCH_CHARS characters), so memory holds one batch, never the source."""
 
-    def __init__(self, to_table):
-        self.to_table, self.buf, self.tables = to_table, [], []
+    def __init__(self, to_table, write):
+        self.to_table, self.write, self.buf, self.chars = to_table, write, [], 0
 
     def add(self, row: dict) -> None:
         self.buf.append(row)
-        if len(self.buf) >= BATCH_ROWS:
-            self.tables.append(self.to_table(self.buf))
-            self.buf = []
+        self.chars += sum(len(v) for v in row.values() if isinstance(v, str))
+        if len(self.buf) >= BATCH_ROWS or self.chars >= BATCH_CHARS:
+            self.flush()
 
-    def table(self) -> pa.Table:
-        if self.buf or not self.tables:
-            self.tables.append(self.to_table(self.buf))
-            self.buf = []
-        return pa.concat_tables(self.tables)
+    def flush(self) -> None:
+        if self.buf:
+            self.write(self.to_table(self.buf))
+            self.buf, self.chars = [], 0
 
 
 def _clean(s: str | None) -> str | None:
@@ -265,10 +352,7 @@ def _clean(s: str | None) -> str | None:
     return s.encode("utf-8", "replace").decode("utf-8")
 
 
-def parse_source(path: str | os.PathLike, fmt: str, *, source: str, kind: str,
-                 templates: dict[str, str] | None = None, id_template: str | None = None,
-                 limit: int | None = None) -> tuple[pa.Table, pa.Table, dict]:
-    """Parse one source file into (rows, rejects, stats) for its kind."""
+def _check_templates(kind: str, templates: dict[str, str] | None) -> dict[str, str]:
     if kind not in KIND_FIELDS:
         raise ValueError(f"unknown kind {kind!r}; supported: {', '.join(KIND_FIELDS)}")
     templates = dict(templates or {})
@@ -277,10 +361,16 @@ def parse_source(path: str | os.PathLike, fmt: str, *, source: str, kind: str,
     if unknown:
         raise ValueError(f"templates for unknown {kind} fields: {sorted(unknown)}; "
                          f"allowed: {list(KIND_FIELDS[kind]) + list(optional)}")
-    required = [(f, templates.get(f, "{" + f + "}")) for f in KIND_FIELDS[kind]]
+    return templates
 
-    rows = _TableBuilder(lambda batch: rows_table(batch, kind))
-    rejects = _TableBuilder(rejects_table)
+
+def _parse(records: Iterator[Record], write_rows, write_rejects, *, source: str, kind: str,
+           templates: dict[str, str], id_template: str | None, limit: int | None) -> dict:
+    """Turn records into rows and rejects, handed to the writers batch by batch; return the stats."""
+    optional = SFT_OPTIONAL if kind == "sft" else ()
+    required = [(f, templates.get(f, "{" + f + "}")) for f in KIND_FIELDS[kind]]
+    rows = _Batches(lambda batch: rows_table(batch, kind), write_rows)
+    rejects = _Batches(rejects_table, write_rejects)
     reasons: Counter = Counter()
     rows_in = beyond = 0
 
@@ -289,8 +379,8 @@ def parse_source(path: str | os.PathLike, fmt: str, *, source: str, kind: str,
         rejects.add({"source": source, "index": index, "id": _clean(id_), "reason": reason,
                      "content": _clean(content)})
 
-    for rec in read_records(path, fmt):
-        if limit is not None and rows_in >= limit:
+    for rec in records:
+        if limit is not None and rec.index >= limit:  # the first `limit` records of the whole source
             beyond += 1
             continue
         rows_in += 1
@@ -336,4 +426,36 @@ def parse_source(path: str | os.PathLike, fmt: str, *, source: str, kind: str,
     stats = {"source": source, "kind": kind, "rows_in": rows_in, "rows_kept": kept,
              "rows_rejected": rows_in - kept, "reasons": dict(reasons),
              "records_beyond_limit": beyond}
-    return rows.table(), rejects.table(), stats
+    rows.flush()
+    rejects.flush()
+    return stats
+
+
+def parse_source(path: str | os.PathLike, fmt: str, *, source: str, kind: str,
+                 templates: dict[str, str] | None = None, id_template: str | None = None,
+                 limit: int | None = None, shard: int = 0, n_shards: int = 1) -> tuple[pa.Table, pa.Table, dict]:
+    """Parse one source file (or shard `shard` of `n_shards` of it) into in-memory
+    (rows, rejects, stats) for its kind; `parse_to_parquet` streams to files instead."""
+    templates = _check_templates(kind, templates)
+    rows, rejects = [rows_table([], kind)], [rejects_table([])]
+    stats = _parse(read_records(path, fmt, shard=shard, n_shards=n_shards), rows.append, rejects.append,
+                   source=source, kind=kind, templates=templates, id_template=id_template, limit=limit)
+    return pa.concat_tables(rows), pa.concat_tables(rejects), stats
+
+
+def parse_to_parquet(path: str | os.PathLike, fmt: str, rows_path: str | os.PathLike,
+                     rejects_path: str | os.PathLike, *, source: str, kind: str,
+                     templates: dict[str, str] | None = None, id_template: str | None = None,
+                     limit: int | None = None, shard: int = 0, n_shards: int = 1) -> dict:
+    """Parse one source file, or shard `shard` of `n_shards` of it, as a stream: rows and
+    rejects are written as parquet row groups as they come. Returns the stats.
+
+    Ids and reject indexes are those of the unsharded parse (indexes count records in the
+    whole file), and `limit` keeps the first records of the whole file, so the shards in
+    order concatenate to the one-shard output.
+    """
+    templates = _check_templates(kind, templates)
+    records = read_records(path, fmt, shard=shard, n_shards=n_shards)
+    with parquet_writer(rows_path, row_schema(kind)) as rows, parquet_writer(rejects_path, REJECT_SCHEMA) as rejects:
+        return _parse(records, rows.write_table, rejects.write_table, source=source, kind=kind,
+                      templates=templates, id_template=id_template, limit=limit)
