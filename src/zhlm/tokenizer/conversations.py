@@ -14,6 +14,7 @@ token at all are never trainable and are left out when writing; meta.json counts
 """
 from __future__ import annotations
 
+import copy
 import os
 from array import array
 from collections.abc import Iterable, Iterator
@@ -189,24 +190,33 @@ class Conversations:
         return lengths if self.max_len is None else np.minimum(lengths, self.max_len)
 
     def select(self, index: Iterable[int]) -> Conversations:
-        """A view of some of this view's examples, in the given order."""
-        view = object.__new__(Conversations)
-        view.__dict__.update(self.__dict__)
+        """A view of some of this view's examples, in the given order (the memmaps are shared)."""
+        view = copy.copy(self)
         view.index = self.index[np.asarray(list(index), dtype=np.int64)]
         return view
 
-    def cut(self, max_len: int) -> tuple[Conversations, int]:
-        """Each example cut to max_len tokens, less those with no answer token left; and how many left out."""
-        keep = self.answer_start[self.index] < max_len
-        view = self.select(np.flatnonzero(keep))
+    def truncated(self, max_len: int) -> Conversations:
+        """A view of every example cut to its first max_len tokens."""
+        view = copy.copy(self)
         view.max_len = max_len
-        return view, int((~keep).sum())
+        return view
+
+    def cut(self, max_len: int) -> tuple[Conversations, int]:
+        """Each example cut to max_len tokens, less those with no answer token left; and how many left out
+        (as zhlm's SFT has always skipped them: such an example carries no loss)."""
+        keep = self.answer_start[self.index] < max_len
+        return self.select(np.flatnonzero(keep)).truncated(max_len), int((~keep).sum())
 
     def first_by_id(self, n: int) -> Conversations:
         """The file's first n examples in order of their row id (written with order_by_id; a whole file)."""
         if self.by_id is None or len(self.index) != len(self.by_id):
             raise ValueError("first_by_id needs a whole file written with order_by_id")
         return self.select(self.by_id[:n])
+
+
+def token_folder_files(folder) -> list[Path]:
+    """The files of a token folder (not temporary ones): what a training run's fingerprint covers."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
 
 
 def check_tokenizer(token_dir: str | os.PathLike, tokenizer_file: str | os.PathLike) -> dict:

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from zhlm.lm import check_context, pad_batch, sequence_logp
 from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import chat_stop_ids
-from zhlm.tokenizer.conversations import Conversations, check_tokenizer
+from zhlm.tokenizer.conversations import Conversations, check_tokenizer, token_folder_files
 from zhlm.train import distributed
 from zhlm.train.batches import Examples
 from zhlm.train.loop import finish, start, train
@@ -73,10 +73,8 @@ class Pairs:
 
 def open_pairs(tokens_dir, split: str, max_len: int, dtype: str) -> Pairs:
     """The pairs of one split, each conversation cut to max_len tokens."""
-    sides = [Conversations(tokens_dir, f"{split}.{side}", dtype) for side in ("chosen", "rejected")]
-    for side in sides:
-        side.max_len = max_len
-    return Pairs(*sides)
+    return Pairs(*(Conversations(tokens_dir, f"{split}.{side}", dtype).truncated(max_len)
+                   for side in ("chosen", "rejected")))
 
 
 @torch.no_grad()
@@ -128,8 +126,8 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
     """
     sft_dir, tokens_dir = Path(sft_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
-    token_files = sorted(p for p in tokens_dir.iterdir() if p.name.split(".")[0] in ("train", "eval", "meta"))
-    cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", tokenizer_file, *token_files])
+    cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", tokenizer_file,
+                                                *token_folder_files(tokens_dir)])
     policy = load_model(sft_dir, device)
     reference = load_model(sft_dir, device).eval().requires_grad_(False)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))

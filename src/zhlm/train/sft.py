@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from zhlm.lm import IGNORE, check_context, count_labels, lm_loss, pad_batch, token_nll
 from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import chat_stop_ids
-from zhlm.tokenizer.conversations import NO_ANSWER, Conversations, check_tokenizer
+from zhlm.tokenizer.conversations import NO_ANSWER, Conversations, check_tokenizer, token_folder_files
 from zhlm.train import distributed
 from zhlm.train.batches import Examples
 from zhlm.train.loop import finish, start, train
@@ -61,8 +61,8 @@ def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dic
     """
     init_dir, tokens_dir = Path(init_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
-    token_files = sorted(p for p in tokens_dir.iterdir() if p.name.split(".")[0] in ("train", "eval", "meta"))
-    cfg, device, fingerprint = start(settings, [init_dir / "model.safetensors", tokenizer_file, *token_files])
+    cfg, device, fingerprint = start(settings, [init_dir / "model.safetensors", tokenizer_file,
+                                                *token_folder_files(tokens_dir)])
     model = load_model(init_dir, device)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     meta = check_tokenizer(tokens_dir, tokenizer_file)
