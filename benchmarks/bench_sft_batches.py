@@ -15,6 +15,10 @@ in its own subprocess, so its peak RSS (VmHWM) is its own:
 
 Both draw the same `--steps` global batches and print a checksum of them, which must agree.
 Without --tokenizer, a 2000-token BPE is built from demo reviews.
+
+On a busy 2-core machine, 200k conversations (16.7M tokens): lists 57 s and 3.4 GB over
+the baseline (torch imported); tokenize_sft 38 s and 0.15 GB; token files 0.8 s and 0.06 GB
+(mostly the memmapped pages the batches touched), the same batches.
 """
 import argparse
 import hashlib
