@@ -179,6 +179,26 @@ def fuzz_strings(n, seed=0):
     yield from ["\n", "\t", "  two spaces", "👨‍👩‍👧 family", "𠀀𪛖 rare", "GPT-4o 在 2024 年发布。\n\n换行"]
 
 
+def test_sft_and_dpo_token_files_count_every_row(dag):
+    """Each row of the SFT splits and of the rollout pairs is in the token files or counted as skipped."""
+    workdir, _, _ = dag
+    results = workdir / "results"
+    sha = hashlib.sha256((results / "tokenizer/tokenizer.json").read_bytes()).hexdigest()
+    sft = stats(results / "tokens/sft/meta.json")
+    assert sft["tokenizer_sha256"] == sha
+    for split in ("train", "eval"):
+        rows = pq.read_metadata(results / f"split/sft/{split}.parquet").num_rows
+        assert sft[split]["examples"] + sum(sft[split]["skipped"].values()) == rows > 0, split
+        offsets = np.load(results / f"tokens/sft/{split}.offsets.npy")
+        assert len(offsets) == sft[split]["examples"] + 1 and offsets[-1] == sft[split]["tokens"]
+    dpo = stats(results / "tokens/dpo/meta.json")
+    assert dpo["tokenizer_sha256"] == sha
+    pairs = table(results / "rollouts/pairs.parquet")
+    for split in ("train", "eval"):
+        rows = sum((p["split"] == "eval") == (split == "eval") for p in pairs)
+        assert dpo[split]["pairs"] + sum(dpo[split]["skipped"].values()) == rows, split
+
+
 def test_built_tokenizer_round_trips_fuzzed_strings(dag):
     workdir, _, _ = dag
     tokenizer = Tokenizer.from_file(str(workdir / "results/tokenizer/tokenizer.json"))
