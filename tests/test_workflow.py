@@ -187,6 +187,26 @@ def fuzz_strings(n, seed=0):
     yield from ["\n", "\t", "  two spaces", "👨‍👩‍👧 family", "𠀀𪛖 rare", "GPT-4o 在 2024 年发布。\n\n换行"]
 
 
+def test_sft_and_dpo_token_files_count_every_row(dag):
+    """Each row of the SFT splits and of the rollout pairs is in the token files or counted as skipped."""
+    workdir, _, _ = dag
+    results = workdir / "results"
+    sha = hashlib.sha256((results / "tokenizer/tokenizer.json").read_bytes()).hexdigest()
+    sft = stats(results / "tokens/sft/meta.json")
+    assert sft["tokenizer_sha256"] == sha
+    for split in ("train", "eval"):
+        rows = pq.read_metadata(results / f"split/sft/{split}.parquet").num_rows
+        assert sft[split]["examples"] + sum(sft[split]["skipped"].values()) == rows > 0, split
+        offsets = np.load(results / f"tokens/sft/{split}.offsets.npy")
+        assert len(offsets) == sft[split]["examples"] + 1 and offsets[-1] == sft[split]["tokens"]
+    dpo = stats(results / "tokens/dpo/meta.json")
+    assert dpo["tokenizer_sha256"] == sha
+    pairs = table(results / "rollouts/pairs.parquet")
+    for split in ("train", "eval"):
+        rows = sum((p["split"] == "eval") == (split == "eval") for p in pairs)
+        assert dpo[split]["pairs"] + sum(dpo[split]["skipped"].values()) == rows, split
+
+
 def test_built_tokenizer_round_trips_fuzzed_strings(dag):
     workdir, _, _ = dag
     tokenizer = Tokenizer.from_file(str(workdir / "results/tokenizer/tokenizer.json"))
@@ -238,7 +258,8 @@ def job_inputs(output):
 
 def test_a_changed_tokenizer_makes_the_training_stages_stale(dag, tmp_path):
     """pretrain, sft and dpo read results/tokenizer/ (and copy its files into their model
-    folders), so each declares those files as inputs, and a changed tokenizer reruns them.
+    folders), so each declares those files as inputs, and a changed tokenizer reruns them,
+    and the rules that tokenise their data (binarize, tokenize_sft, tokenize_dpo).
 
     Run on a copy of the DAG's workdir, so the other tests keep theirs; Snakemake's records in
     .snakemake/ name files by their relative paths, and copying keeps every mtime. The
@@ -256,7 +277,7 @@ def test_a_changed_tokenizer_makes_the_training_stages_stale(dag, tmp_path):
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
     jobs, inputs = job_counts(output), job_inputs(output)
-    for rule in ("binarize", "pretrain", "sft", "rollouts", "dpo"):
+    for rule in ("binarize", "tokenize_sft", "pretrain", "sft", "rollouts", "tokenize_dpo", "dpo"):
         assert jobs.get(rule) == 1, jobs
     assert jobs.get("eval_stage") == 3 and jobs.get("report") == 1, jobs
     assert not {"download", "parse", "clean_shard", "dedup", "count_words", "build_tokenizer"} & set(jobs), jobs
@@ -264,7 +285,8 @@ def test_a_changed_tokenizer_makes_the_training_stages_stale(dag, tmp_path):
     tokenizer_files = [f"results/tokenizer/{name}" for name in TOKENIZER_FILES]
     for rule in ("pretrain", "sft", "dpo"):
         assert set(tokenizer_files) <= set(inputs[rule]), (rule, inputs[rule])
-    assert "results/tokenizer/tokenizer.json" in inputs["binarize"]
+    for rule in ("binarize", "tokenize_sft", "tokenize_dpo"):
+        assert "results/tokenizer/tokenizer.json" in inputs[rule], (rule, inputs[rule])
 
 
 def test_a_local_source_file_is_the_input_of_its_download(tmp_path):
@@ -437,8 +459,10 @@ def test_slurm_run_gives_the_local_run_s_artifacts(slurm_dag, dag):
         if path.suffix == ".parquet":
             assert pq.read_metadata(path).num_rows == pq.read_metadata(local).num_rows, relative
             assert pq.read_schema(path) == pq.read_schema(local), relative
-        elif path.suffix == ".bin" or relative == Path("results/tokenizer/tokenizer.json"):
-            assert path.read_bytes() == local.read_bytes(), relative  # data stages are deterministic
+        elif (path.suffix == ".bin" and not relative.is_relative_to("results/tokens/dpo")) \
+                or relative == Path("results/tokenizer/tokenizer.json"):
+            # Data stages are deterministic; the DPO pairs' tokens are those of the model's rollouts.
+            assert path.read_bytes() == local.read_bytes(), relative
         elif path.suffix == ".safetensors":
             with safe_open(path, "pt") as a, safe_open(local, "pt") as b:
                 assert {k: a.get_slice(k).get_shape() for k in a.keys()} == \

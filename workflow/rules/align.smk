@@ -1,4 +1,5 @@
-# Alignment: SFT on the instruction data, DPO rollouts from the SFT model, then DPO.
+# Alignment: SFT on the instruction data's token files, DPO rollouts from the SFT model, the
+# pairs' token files, then DPO.
 # Training commands exec and tee ignores SIGTERM, as in pretrain.smk.
 
 
@@ -6,8 +7,7 @@ rule sft:
     input:
         init=model_folder("pretrain"),
         tokenizer=tokenizer_files(),
-        train=split_files("sft", "train"),
-        val=split_files("sft", "eval"),
+        tokens=rules.tokenize_sft.output,
     output:
         folder=model_folder("sft"),
         plot=report("results/sft/loss.png", category="Training", caption="../report/loss.rst"),
@@ -16,6 +16,7 @@ rule sft:
         settings=json.dumps(config["sft"]),
         init=lambda w, input: folder(input.init),
         tokenizer=lambda w, input: folder(input.tokenizer),
+        tokens=lambda w, input: folder(input.tokens),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
         script=script_path("sft.py"),
@@ -30,7 +31,7 @@ rule sft:
         "../../envs/zhlm.yaml"
     shell:
         "exec {params.launch} {params.script} --init {params.init:q} --tokenizer {params.tokenizer:q}"
-        " --train {input.train:q} --val {input.val:q} --out {params.out:q} --ckpt {params.ckpt:q}"
+        " --tokens {params.tokens:q} --out {params.out:q} --ckpt {params.ckpt:q}"
         " --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"
 
@@ -58,12 +59,31 @@ rule rollouts:
         "../scripts/rollouts.py"
 
 
+rule tokenize_dpo:
+    input:
+        pairs=["results/rollouts/pairs.parquet"] + (split_files("dpo", "train") if sources_of("dpo") else []),
+        eval_pairs=split_files("dpo", "eval") if sources_of("dpo") else [],
+        tokenizer=rules.build_tokenizer.output.tokenizer,
+    output:
+        conversation_files("results/tokens/dpo", "train.chosen", "train.rejected", "eval.chosen", "eval.rejected"),
+    params:
+        out=lambda w, output: folder(output),
+        batch_size=config["binarize"]["batch_size"],
+    log:
+        "results/logs/tokens/tokenize_dpo.log",
+    benchmark:
+        "results/benchmarks/tokens/tokenize_dpo.tsv"
+    conda:
+        "../../envs/zhlm.yaml"
+    script:
+        "../scripts/tokenize_dpo.py"
+
+
 rule dpo:
     input:
         sft=model_folder("sft"),
         tokenizer=tokenizer_files(),
-        pairs=["results/rollouts/pairs.parquet"] + (split_files("dpo", "train") if sources_of("dpo") else []),
-        eval_pairs=split_files("dpo", "eval") if sources_of("dpo") else [],
+        tokens=rules.tokenize_dpo.output,
     output:
         folder=model_folder("dpo"),
         plot=report("results/dpo/loss.png", category="Training", caption="../report/loss.rst"),
@@ -72,6 +92,7 @@ rule dpo:
         settings=json.dumps(config["dpo"]),
         sft=lambda w, input: folder(input.sft),
         tokenizer=lambda w, input: folder(input.tokenizer),
+        tokens=lambda w, input: folder(input.tokens),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
         script=script_path("dpo.py"),
@@ -86,6 +107,6 @@ rule dpo:
         "../../envs/zhlm.yaml"
     shell:
         "exec {params.launch} {params.script} --sft {params.sft:q} --tokenizer {params.tokenizer:q}"
-        " --pairs {input.pairs:q} --eval-pairs {input.eval_pairs:q} --out {params.out:q} --ckpt {params.ckpt:q}"
+        " --tokens {params.tokens:q} --out {params.out:q} --ckpt {params.ckpt:q}"
         " --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"

@@ -71,6 +71,14 @@ def folder(files):
     return folders.pop()
 
 
+def conversation_files(folder, *prefixes, by_id=()):
+    """The token files of conversations under `folder` (zhlm.tokenizer.conversations), one set per
+    prefix, and meta.json; prefixes in `by_id` also have their order by row id."""
+    suffixes = ["ids.bin", "mask.bin", "offsets.npy", "answer_start.npy"]
+    return [f"{folder}/{prefix}.{suffix}" for prefix in prefixes
+            for suffix in suffixes + (["by_id.npy"] if prefix in by_id else [])] + [f"{folder}/meta.json"]
+
+
 # --- model stages -----------------------------------------------------------
 
 def model_folder(stage):

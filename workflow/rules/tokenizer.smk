@@ -1,4 +1,5 @@
-# Tokenizer: jieba word counts over the training text -> byte-level BPE -> token ids.
+# Tokenizer: jieba word counts over the training text -> byte-level BPE -> token ids
+# (pretraining text as one token stream, SFT conversations as token files with a loss mask).
 
 
 rule count_words:
@@ -60,3 +61,23 @@ rule binarize:
         "../../envs/zhlm.yaml"
     script:
         "../scripts/binarize.py"
+
+
+rule tokenize_sft:
+    input:
+        train=split_files("sft", "train"),
+        eval=split_files("sft", "eval"),
+        tokenizer=rules.build_tokenizer.output.tokenizer,
+    output:
+        conversation_files("results/tokens/sft", "train", "eval", by_id=("eval",)),
+    params:
+        out=lambda w, output: folder(output),
+        batch_size=config["binarize"]["batch_size"],
+    log:
+        "results/logs/tokens/tokenize_sft.log",
+    benchmark:
+        "results/benchmarks/tokens/tokenize_sft.tsv"
+    conda:
+        "../../envs/zhlm.yaml"
+    script:
+        "../scripts/tokenize_sft.py"

@@ -6,11 +6,8 @@ from zhlm.io import setup_logging
 from zhlm.train.dpo import run
 
 parser = argparse.ArgumentParser(description=__doc__)
-for flag in ("--sft", "--tokenizer", "--out", "--ckpt", "--settings"):
+for flag in ("--sft", "--tokenizer", "--tokens", "--out", "--ckpt", "--settings"):
     parser.add_argument(flag, required=True)
-parser.add_argument("--pairs", nargs="+", required=True)
-parser.add_argument("--eval-pairs", nargs="*", default=[])
 args = parser.parse_args()
 setup_logging()
-run(args.sft, args.tokenizer, args.pairs, args.out, args.ckpt, eval_files=args.eval_pairs,
-    settings=json.loads(args.settings))
+run(args.sft, args.tokenizer, args.tokens, args.out, args.ckpt, settings=json.loads(args.settings))

@@ -6,10 +6,8 @@ from zhlm.io import setup_logging
 from zhlm.train.sft import run
 
 parser = argparse.ArgumentParser(description=__doc__)
-for flag in ("--init", "--tokenizer", "--out", "--ckpt", "--settings"):
+for flag in ("--init", "--tokenizer", "--tokens", "--out", "--ckpt", "--settings"):
     parser.add_argument(flag, required=True)
-parser.add_argument("--train", nargs="+", required=True)
-parser.add_argument("--val", nargs="+", required=True)
 args = parser.parse_args()
 setup_logging()
-run(args.init, args.tokenizer, args.train, args.val, args.out, args.ckpt, settings=json.loads(args.settings))
+run(args.init, args.tokenizer, args.tokens, args.out, args.ckpt, settings=json.loads(args.settings))

@@ -13,7 +13,7 @@ A batch source has two methods (`BatchSource`):
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -56,10 +56,12 @@ class TokenWindows:
 class Examples:
     """Items drawn in a fresh shuffled order each epoch; the batch of step s depends only on (seed, s).
 
-    `collate` turns a list of items into a batch; `count` is the stage's loss unit.
+    `items` is any sequence: a list, or a view of token files (zhlm.tokenizer.conversations) that
+    reads only the items a batch asks for. `collate` turns a list of items into a batch; `count`
+    is the stage's loss unit.
     """
 
-    def __init__(self, items: list, global_batch: int, seed: int, collate: Callable[[list], Batch],
+    def __init__(self, items: Sequence, global_batch: int, seed: int, collate: Callable[[list], Batch],
                  count: Callable[[Batch], int]):
         if not items:
             raise ValueError("no training examples")

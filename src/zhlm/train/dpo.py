@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from zhlm.io import read_parquets
 from zhlm.lm import check_context, pad_batch, sequence_logp
 from zhlm.model import load_model, save_pretrained
-from zhlm.tokenizer.chat import chat_stop_ids, encode_chats, messages_of
+from zhlm.tokenizer.chat import chat_stop_ids
+from zhlm.tokenizer.conversations import Conversations, check_tokenizer, token_folder_files
 from zhlm.train import distributed
 from zhlm.train.batches import Examples
 from zhlm.train.loop import finish, start, train
@@ -49,35 +49,52 @@ def make_dpo_loss(beta: float):
     return loss_fn
 
 
+class Pairs:
+    """Preference pairs from token files: item i is (chosen (ids, labels), rejected (ids, labels), ref_c, ref_r).
+
+    chosen, rejected: Conversations views of the same pairs; refs: (n, 2) float64 reference
+    log-probabilities of chosen and rejected (zeros until `with_reference`).
+    """
+
+    def __init__(self, chosen: Conversations, rejected: Conversations, refs: np.ndarray | None = None):
+        self.chosen, self.rejected = chosen, rejected
+        self.refs = np.zeros((len(chosen), 2)) if refs is None else refs   # (n, 2)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.chosen[i], self.rejected[i], float(self.refs[i, 0]), float(self.refs[i, 1])
+
+    def mean_length(self) -> float:
+        """Mean tokens predicted per pair (chosen and rejected together)."""
+        return float(np.mean(self.chosen.lengths() + self.rejected.lengths() - 2)) if len(self) else 0.0
+
+
+def open_pairs(tokens_dir, split: str, max_len: int, dtype: str) -> Pairs:
+    """The pairs of one split, each conversation cut to max_len tokens."""
+    return Pairs(*(Conversations(tokens_dir, f"{split}.{side}", dtype).truncated(max_len)
+                   for side in ("chosen", "rejected")))
+
+
 @torch.no_grad()
-def reference_logps(model, pairs_encoded, pad_id: int, batch_size: int = 16) -> list[tuple[float, float]]:
-    """Log-probabilities of chosen and rejected under the frozen reference, computed once."""
+def reference_logps(model, pairs: Pairs, pad_id: int, batch_size: int = 16) -> np.ndarray:
+    """Log-probabilities (n, 2) of chosen and rejected under the frozen reference, computed once."""
     model.eval()
-    out = []
-    for i in range(0, len(pairs_encoded), batch_size):
-        chunk = pairs_encoded[i:i + batch_size]
-        c = pad_batch([p[0] for p in chunk], pad_id)
-        r = pad_batch([p[1] for p in chunk], pad_id)
-        lc = sequence_logp(model, c["input_ids"], c["labels"]).tolist()
-        lr = sequence_logp(model, r["input_ids"], r["labels"]).tolist()
-        out.extend(zip(lc, lr))
+    device = next(model.parameters()).device
+    out = np.zeros((len(pairs), 2))
+    for i in range(0, len(pairs), batch_size):
+        rows = range(i, min(i + batch_size, len(pairs)))
+        for column, side in enumerate((pairs.chosen, pairs.rejected)):
+            batch = pad_batch([side[j] for j in rows], pad_id)
+            out[rows.start:rows.stop, column] = sequence_logp(
+                model, batch["input_ids"].to(device), batch["labels"].to(device)).double().cpu().numpy()
     return out
 
 
-def with_reference(reference, encoded: list[tuple], pad_id: int) -> list[tuple]:
-    """Each encoded (chosen, rejected) pair with the reference's log-probabilities of both."""
-    refs = reference_logps(reference, encoded, pad_id)
-    return [(c, r, rc, rr) for (c, r), (rc, rr) in zip(encoded, refs)]
-
-
-def encode_pairs(tokenizer, rows: list[dict], max_len: int) -> list[tuple]:
-    """((chosen ids, labels), (rejected ids, labels)) of each pair, as ChatML conversations cut to max_len."""
-    def conversations(answer_field):
-        return [messages_of({**row, "response": row[answer_field]}) for row in rows]
-
-    chosen = encode_chats(tokenizer, conversations("chosen"))
-    rejected = encode_chats(tokenizer, conversations("rejected"))
-    return [((c[0][:max_len], c[1][:max_len]), (r[0][:max_len], r[1][:max_len])) for c, r in zip(chosen, rejected)]
+def with_reference(reference, pairs: Pairs, pad_id: int) -> Pairs:
+    """The pairs with the reference's log-probabilities of both answers."""
+    return Pairs(pairs.chosen, pairs.rejected, reference_logps(reference, pairs, pad_id))
 
 
 @torch.no_grad()
@@ -88,7 +105,8 @@ def reward_metrics(policy, items, beta: float, pad_id: int, batch_size: int = 16
     device = next(policy.parameters()).device
     correct, margin_sum = 0, 0.0
     for i in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(items[i:i + batch_size], pad_id).items()}
+        chunk = [items[j] for j in range(i, min(i + batch_size, len(items)))]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
         c = sequence_logp(policy, batch["chosen_ids"], batch["chosen_labels"]).double()
         r = sequence_logp(policy, batch["rejected_ids"], batch["rejected_labels"]).double()
         _, margin = dpo_losses(c, r, batch["ref_chosen"], batch["ref_rejected"], beta)
@@ -99,40 +117,35 @@ def reward_metrics(policy, items, beta: float, pad_id: int, batch_size: int = 16
     return {"val_reward_accuracy": correct / n, "val_reward_margin": margin_sum / n}
 
 
-def run(sft_dir, tokenizer_dir, pair_files: list, out_dir, ckpt_dir, *, settings: dict, eval_files=(),
-        progress: bool = True) -> list[dict]:
+def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, progress: bool = True
+        ) -> list[dict]:
     """DPO from the SFT model against itself, frozen, as the reference; write a HF folder to out_dir.
 
-    pair_files: parquet files of (id, prompt, chosen, rejected[, split]); their rows with
-    split == "eval", and every row of eval_files, are held out and scored.
-    settings: TrainConfig fields (beta, seq_len).
+    tokens_dir: the pairs' token files (zhlm.tokenizer.conversations.tokenize_dpo); its eval
+    pairs are held out and scored. settings: TrainConfig fields (beta, seq_len).
     """
-    sft_dir = Path(sft_dir)
+    sft_dir, tokens_dir = Path(sft_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", tokenizer_file,
-                                                *pair_files, *eval_files])
+                                                *token_folder_files(tokens_dir)])
     policy = load_model(sft_dir, device)
     reference = load_model(sft_dir, device).eval().requires_grad_(False)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    rows = read_parquets(pair_files).to_pylist()
-    train_rows = [r for r in rows if r.get("split") != "eval"]
-    eval_rows = [r for r in rows if r.get("split") == "eval"]
-    if eval_files:
-        eval_rows += read_parquets(eval_files).to_pylist()
+    meta = check_tokenizer(tokens_dir, tokenizer_file)
     check_context(policy.config, cfg.seq_len)
     pad, beta, max_len = policy.config.pad_token_id, cfg.beta, cfg.seq_len + 1
 
-    # (chosen, rejected, ref log-prob of chosen, of rejected) per pair; the reference is then freed.
-    items, eval_items = (with_reference(reference, encode_pairs(tokenizer, part, max_len), pad)
-                         for part in (train_rows, eval_rows))
+    # Each pair's reference log-probs of chosen and rejected, (n, 2); the reference is then freed.
+    items, eval_items = (with_reference(reference, open_pairs(tokens_dir, split, max_len, meta["dtype"]), pad)
+                         for split in ("train", "eval"))
     del reference
     log.info("%d training pairs, %d held-out pairs", len(items), len(eval_items))
-    mean_len = float(np.mean([len(c[0]) + len(r[0]) - 2 for c, r, _, _ in items]))
+    mean_len = items.mean_length()
     data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
                     count=lambda b: len(b["ref_chosen"]))  # pairs
     history = train(policy, data, make_dpo_loss(beta), cfg, out_dir=out_dir, ckpt_dir=ckpt_dir,
                     fingerprint=fingerprint,
-                    evaluate=(lambda m: reward_metrics(m, eval_items, beta, pad)) if eval_items else None,
+                    evaluate=(lambda m: reward_metrics(m, eval_items, beta, pad)) if len(eval_items) else None,
                     flops_per_item=policy.flops_per_token(int(mean_len / 2)) * mean_len,
                     tokens_per_item=mean_len, progress=progress)
     if distributed.rank() == 0:

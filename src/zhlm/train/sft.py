@@ -8,27 +8,15 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from zhlm.io import as_paths, read_parquets
 from zhlm.lm import IGNORE, check_context, count_labels, lm_loss, pad_batch, token_nll
 from zhlm.model import load_model, save_pretrained
-from zhlm.tokenizer.chat import chat_stop_ids, encode_chats, messages_of
+from zhlm.tokenizer.chat import chat_stop_ids
+from zhlm.tokenizer.conversations import NO_ANSWER, Conversations, check_tokenizer, token_folder_files
 from zhlm.train import distributed
 from zhlm.train.batches import Examples
 from zhlm.train.loop import finish, start, train
 
 log = logging.getLogger("zhlm.sft")
-
-
-def encode_rows(tokenizer, rows: list[dict], max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(ids, labels) of each row, cut to max_len tokens; rows with no label left are skipped and counted."""
-    examples, skipped = [], 0
-    for ids, labels in encode_chats(tokenizer, [messages_of(row) for row in rows]):
-        ids, labels = ids[:max_len], labels[:max_len]
-        if all(label == IGNORE for label in labels[1:]):
-            skipped += 1
-            continue
-        examples.append((ids, labels))
-    return examples, skipped
 
 
 def sft_loss(model, batch):
@@ -56,35 +44,36 @@ def examples_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[i:i + batch_size], pad_id).items()}
+        chunk = [examples[j] for j in range(i, min(i + batch_size, len(examples)))]
+        batch = {k: v.to(device) for k, v in pad_batch(chunk, pad_id).items()}
         total += lm_loss(model, batch["input_ids"], batch["labels"]).item()
         count += count_labels(batch["labels"])
     model.train(was_training)
     return total / max(1, count)
 
 
-def run(init_dir, tokenizer_dir, train_files, eval_files, out_dir, ckpt_dir, *, settings: dict,
-        progress: bool = True) -> list[dict]:
+def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, progress: bool = True
+        ) -> list[dict]:
     """Fine-tune the model in init_dir on ChatML conversations; write a HF model folder to out_dir.
 
-    train_files, eval_files: the parquet files (a path or a list) of the training and held-out splits.
+    tokens_dir: the SFT splits' token files (zhlm.tokenizer.conversations.tokenize_sft).
     settings: TrainConfig fields (seq_len: longest example, in tokens; eval_examples).
     """
-    init_dir = Path(init_dir)
+    init_dir, tokens_dir = Path(init_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     cfg, device, fingerprint = start(settings, [init_dir / "model.safetensors", tokenizer_file,
-                                                *as_paths(train_files), *as_paths(eval_files)])
+                                                *token_folder_files(tokens_dir)])
     model = load_model(init_dir, device)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    meta = check_tokenizer(tokens_dir, tokenizer_file)
     check_context(model.config, cfg.seq_len)
     max_len = cfg.seq_len + 1  # seq_len inputs and their seq_len next tokens
-    examples, skipped = encode_rows(tokenizer, read_parquets(train_files).to_pylist(), max_len)
-    eval_rows = sorted(read_parquets(eval_files).to_pylist(), key=lambda r: r["id"])
-    val_examples, _ = encode_rows(tokenizer, eval_rows[:cfg.eval_examples], max_len)
-    log.info("%d training conversations (%d skipped: no answer token within %d tokens)",
-             len(examples), skipped, max_len)
+    examples, skipped = Conversations(tokens_dir, "train", meta["dtype"]).cut(max_len)
+    val_examples, _ = Conversations(tokens_dir, "eval", meta["dtype"]).first_by_id(cfg.eval_examples).cut(max_len)
+    log.info("%d training conversations (%d skipped: no answer token within %d tokens; %d with none at all "
+             "left out when tokenising)", len(examples), skipped, max_len, meta["train"]["skipped"][NO_ANSWER])
     pad = model.config.pad_token_id
-    mean_len = float(np.mean([len(ids) - 1 for ids, _ in examples]))
+    mean_len = float(np.mean(examples.lengths() - 1))
     data = Examples(examples, cfg.global_batch, cfg.seed, lambda b: pad_batch(b, pad), count_conversations)
     history = train(model, data, sft_loss, cfg, out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint,
                     evaluate=lambda m: {"val_loss": examples_loss(m, val_examples, pad)},
