@@ -30,8 +30,9 @@ not depend on how many shards a source has (nor on the order of the sources):
   so there are no chains (A ~ B ~ C does not remove C for A unless C ~ A).
 - similar: estimated Jaccard similarity of the character n-gram sets ≥
   `threshold`; or, when both normalised texts are shorter than `short_chars`,
-  character similarity (`char_similarity`) ≥ `short_similarity`. `similarity`
-  is the score that decided (1.0 for exact).
+  estimated Jaccard ≥ `short_threshold` and character similarity
+  (`char_similarity`) ≥ `short_similarity`. `similarity` is the score that
+  decided: the Jaccard estimate, or the character similarity (1.0 for exact).
 - band keys: the bands of datasketch's `MinHashLSH` for `threshold` with weights
   `LSH_WEIGHTS`; rows shorter than `short_chars` also get bands for
   `short_threshold`: one substituted character changes n of a text's n-grams,
@@ -83,7 +84,7 @@ class Params:
     num_perm: int = 128             # MinHash permutations
     threshold: float = 0.65         # estimated Jaccard similarity of a near duplicate
     short_chars: int = 40           # normalised texts shorter than this are "short"
-    short_threshold: float = 0.5    # Jaccard similarity the short texts' extra bands aim at
+    short_threshold: float = 0.4    # Jaccard similarity of short texts that are compared by characters
     short_similarity: float = 0.85  # character similarity of a near duplicate between short texts
     seed: int = 1
 
@@ -96,7 +97,7 @@ class Params:
         return _lsh_ranges(self.short_threshold, self.num_perm)
 
     def band_names(self) -> list[str]:
-        return [f"band_{k}" for k in range(len(self.bands))] + [f"short_{k}" for k in range(len(self.short_bands))]
+        return [f"lsh_{k}" for k in range(len(self.bands))] + [f"lsh_short_{k}" for k in range(len(self.short_bands))]
 
 
 DEFAULTS = dataclasses.asdict(Params())
@@ -240,7 +241,7 @@ def signature_table(table: pa.Table, kind: str, params: Params = Params(), *, so
                     shard: int = 0) -> pa.Table:
     """Per row of one clean shard: ptr, id, source, digest, length and (short rows only)
     short_text of the normalised text, signature (num_perm uint32, little-endian bytes),
-    and a column per band of uint64 keys (`params.band_names()`; short_* null for long rows)."""
+    and a column per band of uint64 keys (`params.band_names()`: lsh_{k}, and lsh_short_{k}, null for long rows)."""
     texts = _texts(table, kind)
     digests, sigs = digests_and_signatures(texts, params)
     lengths = np.fromiter(map(len, texts), dtype=np.int32, count=len(texts))
@@ -255,9 +256,9 @@ def signature_table(table: pa.Table, kind: str, params: Params = Params(), *, so
         "signature": pa.array([row.tobytes() for row in sigs.astype("<u4")], pa.binary(4 * params.num_perm)),
     }
     for k, key in enumerate(band_keys(sigs, params.bands)):
-        columns[f"band_{k}"] = pa.array(key, pa.uint64())
+        columns[f"lsh_{k}"] = pa.array(key, pa.uint64())
     for k, key in enumerate(band_keys(sigs, params.short_bands)):
-        columns[f"short_{k}"] = pa.array(key, pa.uint64(), mask=~short)
+        columns[f"lsh_short_{k}"] = pa.array(key, pa.uint64(), mask=~short)
     return pa.table(columns)
 
 
@@ -270,8 +271,8 @@ def band_columns(schema_names: list[str]) -> list[str]:
     """The band columns of a signature table, in `Params.band_names` order."""
     def order(name):
         prefix, k = name.rsplit("_", 1)
-        return prefix == "short", int(k)
-    return sorted((n for n in schema_names if n.startswith(("band_", "short_"))), key=order)
+        return prefix == "lsh_short", int(k)
+    return sorted((n for n in schema_names if n.startswith("lsh_")), key=order)
 
 
 # --- stage 2: exact duplicates (per kind) -------------------------------------------
@@ -320,14 +321,14 @@ DUPLICATES_SCHEMA = {"ptr": pl.Int64, "reason": pl.String, "duplicate_ptr": pl.I
 def pair_scores(sigs: np.ndarray, lengths: np.ndarray, texts: list, lo: np.ndarray, hi: np.ndarray,
                 params: Params) -> np.ndarray:
     """The similarity of each pair (lo, hi) of rows that decides it (`similar` in the module
-    docstring), NaN where the pair is not similar. Short texts are compared by characters
-    only when their estimated Jaccard similarity falls short."""
+    docstring), NaN where the pair is not similar."""
     jaccard = np.empty(len(lo))
     step = max(1, (1 << 22) // max(params.num_perm, 1))
     for i in range(0, len(lo), step):
         jaccard[i:i + step] = (sigs[lo[i:i + step]] == sigs[hi[i:i + step]]).sum(axis=1) / params.num_perm
     score = np.where(jaccard >= params.threshold, jaccard, np.nan)
-    short = (lengths[lo] < params.short_chars) & (lengths[hi] < params.short_chars) & np.isnan(score)
+    short = ((lengths[lo] < params.short_chars) & (lengths[hi] < params.short_chars) & np.isnan(score)
+             & (jaccard >= params.short_threshold))
     for i in np.flatnonzero(short).tolist():
         sim = char_similarity(texts[lo[i]], texts[hi[i]])
         if sim >= params.short_similarity:
@@ -477,7 +478,8 @@ def dedup_table(table: pa.Table, kind: str, params: Params = Params()) -> tuple[
             sim = m.jaccard(MinHash(seed=params.seed, hashvalues=sigs[j], permutations=permutations,
                                     scheme=_SCHEME))
             if sim < params.threshold:
-                sim = (char_similarity(texts[i], texts[j]) if is_short[i] and is_short[j] else 0.0)
+                sim = (char_similarity(texts[i], texts[j])
+                       if is_short[i] and is_short[j] and sim >= params.short_threshold else 0.0)
                 if sim < params.short_similarity:
                     continue
             best = (j, sim)
