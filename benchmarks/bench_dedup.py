@@ -228,13 +228,18 @@ def main() -> None:
     rec_new = recall(figures["copies"]["new"][0], copies)
     for key in ["all"] + sorted((k for k in rec_old if k != "all"), key=lambda k: int(k.split("-")[0])):
         print(f"{'recall ' + key + f' ({rec_old[key][1]})':28s}{rec_old[key][0]:>22.1%}{rec_new[key][0]:>22.1%}")
-    for label, side in (("before", "old"), ("after", "new")):
-        stats = figures["base"][side][1]
+    rows_of = collections.Counter(r["source"] for r in rows)
+    shares = {}
+    for side in ("old", "new"):
         removed = figures["base"][side][0]
-        distinct = stats["rows_in"] - stats["removed_exact"]
+        exact = collections.Counter(r["source"] for r in removed if r["reason"] == "exact")
         near = collections.Counter(r["source"] for r in removed if r["reason"] == "near")
-        print(f"distinct removed {label:7s}{stats['removed_near'] / distinct:>14.2%}  "
-              f"({stats['removed_near']} of {distinct:,}: {dict(near)}; exact {stats['removed_exact']})")
+        distinct = {s: rows_of[s] - exact[s] for s in rows_of}
+        shares[side] = {"all": (sum(near.values()), sum(distinct.values()))} | {
+            s: (near[s], distinct[s]) for s in rows_of}
+    for key in shares["old"]:
+        cells = [f"{n / d:.2%} ({n}/{d:,})" for n, d in (shares["old"][key], shares["new"][key])]
+        print(f"{'distinct removed ' + key:28s}{cells[0]:>22s}{cells[1]:>22s}")
     old_seconds, old_rss = figures["copies"]["old"][2:]
     jobs = figures["copies"]["new"][2]
     total = sum(s for js in jobs.values() for s, _ in js)

@@ -43,6 +43,11 @@ not depend on how many shards a source has (nor on the order of the sources):
 stages' band keys are 64-bit hashes of the band's values, so two rows share a key
 where datasketch's bands are equal, or (with probability 2⁻⁶⁴ per pair) collide.
 
+Memory: a signature or filter job holds its shard; the exact job the rows of repeated
+digests; a band job one band's (ptr, key) column at a time and its pairs (a key shared
+by m rows gives m(m−1)/2 of them: exact duplicates are left out first); the cluster job
+the candidate pairs and the candidate rows' signatures, never all signatures.
+
 Signatures are computed with numpy for whole chunks of texts, exactly as
 datasketch's MinHash (scheme "affine32") computes them from 32-bit shingle
 hashes: the MurmurHash3 finalizer, then h → a·h + b mod 2³² for each of the
