@@ -17,9 +17,11 @@ wildcard_constraints:
     source="|".join(re.escape(name) for name in SOURCES),
     kind="pretrain|sft|dpo",
     shard=r"\d+",
+    band_job=r"\d+",
 
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/dedup.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/align.smk"

@@ -97,36 +97,53 @@ def stats(path):
     return json.loads(Path(path).read_text())
 
 
+def shard_paths(config, source, folder):
+    return [f"{folder}/{source}/{i}" for i in range(config["sources"][source].get("shards", 1))]
+
+
 def test_row_accounting_adds_up_in_every_stats_file(dag):
     workdir, config, _ = dag
     results = workdir / "results"
+    clean_kept = {}
     for source in config["sources"]:
-        shards = range(config["sources"][source].get("shards", 1))
-        for shard in shards:  # each parse shard, and clean's shard of it, adds up
-            parsed = stats(results / f"parsed/{source}/{shard}.stats.json")
+        for path in shard_paths(config, source, "parsed"):  # each parse shard, and clean's shard of it, adds up
+            parsed = stats(results / f"{path}.stats.json")
             assert parsed["rows_in"] == parsed["rows_kept"] + parsed["rows_rejected"]
-            assert parsed["rows_kept"] == pq.read_metadata(results / f"parsed/{source}/{shard}.parquet").num_rows
-            assert parsed["rows_rejected"] == pq.read_metadata(
-                results / f"parsed/{source}/{shard}.rejects.parquet").num_rows
-            assert stats(results / f"clean/shards/{source}/{shard}.stats.json")["rows_in"] == parsed["rows_kept"]
-        parsed = merge_stats([stats(results / f"parsed/{source}/{shard}.stats.json") for shard in shards])
+            assert parsed["rows_kept"] == pq.read_metadata(results / f"{path}.parquet").num_rows
+            assert parsed["rows_rejected"] == pq.read_metadata(results / f"{path}.rejects.parquet").num_rows
+            clean_path = path.replace("parsed/", "clean/shards/", 1)
+            clean = stats(results / f"{clean_path}.stats.json")
+            assert clean["rows_in"] == parsed["rows_kept"]
+            assert clean["rows_in"] == clean["rows_kept"] + clean["rows_rejected"]
+            assert clean["rows_kept"] == pq.read_metadata(results / f"{clean_path}.parquet").num_rows
+            assert clean["rows_rejected"] == pq.read_metadata(results / f"{clean_path}.rejects.parquet").num_rows
+            clean_kept[clean_path] = clean["rows_kept"]
+        parsed = merge_stats([stats(results / f"{p}.stats.json") for p in shard_paths(config, source, "parsed")])
         if limit := config["sources"][source].get("limit"):  # the first `limit` records of the whole source
             assert parsed["rows_in"] == min(limit, parsed["rows_in"] + parsed["records_beyond_limit"])
-        clean = stats(results / f"clean/{source}.stats.json")
-        assert clean["rows_in"] == parsed["rows_kept"]
-        assert clean["rows_in"] == clean["rows_kept"] + clean["rows_rejected"]
-        assert clean["rows_kept"] == pq.read_metadata(results / f"clean/{source}.parquet").num_rows
-        assert clean["rows_rejected"] == pq.read_metadata(results / f"clean/{source}.rejects.parquet").num_rows
     for kind in ("pretrain", "sft"):
         sources = [s for s, src in config["sources"].items() if src["kind"] == kind]
         dedup = stats(results / f"dedup/{kind}.stats.json")
-        assert dedup["rows_in"] == sum(stats(results / f"clean/{s}.stats.json")["rows_kept"] for s in sources)
         assert dedup["rows_in"] == dedup["rows_kept"] + dedup["rows_removed"]
-        assert dedup["rows_removed"] == pq.read_metadata(results / f"dedup/{kind}.removed.parquet").num_rows
+        assert dedup["rows_removed"] == dedup["removed_exact"] + dedup["removed_near"]
+        paths = [p for s in sources for p in shard_paths(config, s, f"dedup/{kind}")]
+        assert sorted(dedup["shards"]) == sorted(p.split("/", 2)[2] for p in paths)
+        for path in paths:  # each shard: its clean rows in, kept + removed, as its files hold
+            shard = stats(results / f"{path}.stats.json")
+            assert shard == dedup["shards"][path.split("/", 2)[2]]
+            assert shard["rows_in"] == clean_kept[path.replace(f"dedup/{kind}", "clean/shards")]
+            assert shard["rows_in"] == shard["rows_kept"] + shard["rows_removed"]
+            assert shard["rows_kept"] == pq.read_metadata(results / f"{path}.parquet").num_rows
+            assert shard["rows_removed"] == pq.read_metadata(results / f"{path}.removed.parquet").num_rows
+        for key in ("rows_in", "rows_kept", "rows_removed", "removed_exact", "removed_near"):
+            assert dedup[key] == sum(shard[key] for shard in dedup["shards"].values())
         split = stats(results / f"split/{kind}/stats.json")
         assert split["rows_in"] == dedup["rows_kept"] == sum(split["rows"].values())
         for name, n in split["rows"].items():
             assert pq.read_metadata(results / f"split/{kind}/{name}.parquet").num_rows == n
+    # Choice sources are not deduplicated.
+    assert not list(results.glob("dedup/*/demo_idiom_choice"))
+    assert not list(results.glob("dedup/signatures/demo_idiom_choice"))
 
 
 def test_malformed_rows_are_rejected_with_their_reason(dag):
@@ -138,12 +155,16 @@ def test_malformed_rows_are_rejected_with_their_reason(dag):
 
 def test_planted_duplicates_are_removed_and_unrelated_texts_kept(dag):
     workdir, _, originals = dag
-    removed = {r["id"]: r for r in table(workdir / "results/dedup/pretrain.removed.parquet")}
+    removed = {r["id"]: r for path in (workdir / "results/dedup/pretrain").glob("*/*.removed.parquet")
+               for r in table(path)}
     assert removed["planted:a_copy"]["duplicate_of"] == "planted:a"
     assert removed["planted:a_copy"]["reason"] == "exact"
     assert removed["planted:b_near"]["duplicate_of"] == "planted:b"
     assert removed["planted:b_near"]["reason"] == "near"
-    kept = {r["id"] for r in table(workdir / "results/dedup/pretrain.parquet")}
+    kept = {r["id"] for path in (workdir / "results/dedup/pretrain").glob("*/*.parquet")
+            if re.fullmatch(r"\d+\.parquet", path.name) for r in table(path)}
+    planted = stats(workdir / "results/dedup/pretrain/planted/0.stats.json")  # the planted source's one shard
+    assert planted["removed_exact"] >= 1 and planted["removed_near"] >= 1
     assert {"planted:a", "planted:b", "planted:c"} <= kept
 
 
@@ -244,10 +265,13 @@ def test_changed_cleaning_parameter_reruns_cleaning_and_what_follows_only(dag):
     assert run.returncode == 0, run.stderr
     jobs = job_counts(run.stdout + run.stderr)
     n_shards = sum(s.get("shards", 1) for s in config["sources"].values() if s["kind"] == "pretrain")
-    assert jobs.get("clean_shard") == n_shards
-    for rule in ("gather_clean", "dedup", "split_pretrain", "count_words", "build_tokenizer", "binarize"):
-        assert rule in jobs, jobs
+    assert jobs.get("clean_shard") == jobs.get("dedup_signatures") == jobs.get("dedup_filter") == n_shards
+    assert jobs.get("dedup_bands") == config["dedup"]["band_jobs"]
+    for rule in ("dedup_exact", "dedup_cluster", "dedup_summary", "split_pretrain", "count_words",
+                 "build_tokenizer", "binarize"):
+        assert jobs.get(rule) == 1, jobs
     assert "download" not in jobs and "parse" not in jobs and "split_sft" not in jobs
+    assert "gather_clean" not in jobs  # dedup reads the clean shards
 
 
 def job_inputs(output):
@@ -280,7 +304,8 @@ def test_a_changed_tokenizer_makes_the_training_stages_stale(dag, tmp_path):
     for rule in ("binarize", "tokenize_sft", "pretrain", "sft", "rollouts", "tokenize_dpo", "dpo"):
         assert jobs.get(rule) == 1, jobs
     assert jobs.get("eval_stage") == 3 and jobs.get("report") == 1, jobs
-    assert not {"download", "parse", "clean_shard", "dedup", "count_words", "build_tokenizer"} & set(jobs), jobs
+    assert not {"download", "parse", "clean_shard", "dedup_signatures", "dedup_cluster", "dedup_filter",
+                "count_words", "build_tokenizer"} & set(jobs), jobs
     # Each training stage reads the tokenizer itself, not only through pretrain's model folder.
     tokenizer_files = [f"results/tokenizer/{name}" for name in TOKENIZER_FILES]
     for rule in ("pretrain", "sft", "dpo"):
@@ -438,7 +463,7 @@ def test_slurm_profile_runs_every_job_as_a_slurm_job(slurm_dag):
         if rule in ("pretrain", "sft", "rollouts", "dpo"):
             assert gpus == "gres:gpu:1" and "cpu=8," in alloc, (rule, gpus, alloc)
         else:
-            assert gpus == "N/A" and alloc.startswith("cpu=1,") == (rule not in ("dedup", "count_words")), (rule, alloc)
+            assert gpus == "N/A" and alloc.startswith("cpu=1,") == (rule != "count_words"), (rule, alloc)
     logs_per_rule = {}
     for log in logs.glob("rule_*/**/*.log"):
         rule = log.relative_to(logs).parts[0].removeprefix("rule_")

@@ -127,3 +127,36 @@ def eval_inputs(wildcards):
             split_files("dpo", "eval") if sources_of("dpo") else [])
         inputs["choice"] = [f"results/clean/{s}.parquet" for s in sources_of("choice")]
     return inputs
+
+
+# --- dedup (zhlm.data.dedup): signatures per clean shard -> exact digests and band pairs per
+# kind -> one cluster job per kind -> kept and removed rows per shard -------------------------
+
+def dedup_signatures(kind):
+    return [f"results/dedup/signatures/{s}/{i}.parquet" for s in sources_of(kind) for i in range(SOURCES[s]["shards"])]
+
+
+def dedup_pairs(kind):
+    return [f"results/dedup/{kind}/bands/{j}.pairs.parquet" for j in range(config["dedup"]["band_jobs"])]
+
+
+def dedup_shards(kind):
+    """The kept rows of every clean shard of the kind's sources: what split reads."""
+    return [f"results/dedup/{kind}/{s}/{i}.parquet" for s in sources_of(kind) for i in range(SOURCES[s]["shards"])]
+
+
+def dedup_duplicates(kind, source):
+    """The removed rows of a kind, which a shard of one of its sources is filtered by."""
+    if SOURCES[source]["kind"] != kind:
+        raise ValueError(f"source {source} is of kind {SOURCES[source]['kind']}, not {kind}")
+    return f"results/dedup/{kind}/duplicates.parquet"
+
+
+def dedup_source_no(source):
+    """A source's number among the sources of its kind: the high bits of its rows' ptr."""
+    return sources_of(SOURCES[source]["kind"]).index(source)
+
+
+def dedup_params(*keys):
+    """The dedup settings that change a stage's result."""
+    return {key: config["dedup"][key] for key in keys}

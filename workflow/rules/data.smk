@@ -1,4 +1,4 @@
-# Data stages: download -> parse (sharded) -> clean (one job per parse shard) -> dedup -> split.
+# Data stages: download -> parse (sharded) -> clean (one job per parse shard) -> dedup (dedup.smk) -> split.
 
 
 rule download:
@@ -87,28 +87,6 @@ rule gather_clean:
         "../scripts/gather_clean.py"
 
 
-rule dedup:
-    input:
-        lambda w: [f"results/clean/{s}.parquet" for s in sources_of(w.kind)],
-    output:
-        rows="results/dedup/{kind}.parquet",
-        removed="results/dedup/{kind}.removed.parquet",
-        stats="results/dedup/{kind}.stats.json",
-    params:
-        ngram=config["dedup"]["ngram"],
-        num_perm=config["dedup"]["num_perm"],
-        threshold=config["dedup"]["threshold"],
-    threads: config["dedup"]["threads"]
-    log:
-        "results/logs/dedup/{kind}.log",
-    benchmark:
-        "results/benchmarks/dedup/{kind}.tsv"
-    conda:
-        "../../envs/zhlm.yaml"
-    script:
-        "../scripts/dedup.py"
-
-
 # One split rule per kind present in the config, each writing that kind's splits.
 for split_kind in kinds():
 
@@ -116,7 +94,8 @@ for split_kind in kinds():
         name:
             f"split_{split_kind}"
         input:
-            f"results/dedup/{split_kind}.parquet",
+            rows=dedup_shards(split_kind),
+            dedup_stats=f"results/dedup/{split_kind}.stats.json",
         output:
             parts=expand(f"results/split/{split_kind}/{{name}}.parquet", name=SPLITS[split_kind]),
             stats=f"results/split/{split_kind}/stats.json",

@@ -1,32 +1,67 @@
-"""Exact and near-duplicate removal with MinHash LSH.
+"""Exact and near-duplicate removal with MinHash LSH, in stages over shards.
 
-Rows are visited in table order and the first member of a cluster is kept, so
-the result is deterministic and independent of `processes`.
+The stages have the shape of datatrove's and NeMo Curator's MinHash dedup
+(signatures → buckets → clusters → filter); each is a set of jobs whose memory
+is bounded by a shard, by one group of bands, or by the candidate rows:
 
-1. Exact: rows whose normalised text (`normalise`: lowercase, no whitespace, no
-   punctuation) hashes equal to an earlier row's are removed as "exact", with
-   `duplicate_of` the first such row (which step 2 may remove in its turn).
-2. Near: the MinHash signature of each remaining row's character n-gram set is
-   looked up in a datasketch `MinHashLSH`; among the candidates whose estimated
-   Jaccard similarity is ≥ threshold, the earliest kept row is the original and
-   the row is removed as "near". Otherwise it is kept and inserted. A row that
-   shares no LSH band with any other row can have no candidate and is never a
-   candidate, so it is kept without going through the index (found in numpy).
+1. `signature_table` (a job per clean shard): per row its `ptr` (source number,
+   shard, row: where it is), id, source, the digest of its normalised text, the
+   normalised length, the normalised text itself when short, the MinHash
+   signature and the LSH band keys.
+2. `exact_duplicates` (a job per kind): the rows sharing a digest.
+3. `candidate_pairs` (`band_jobs` jobs per kind, each a group of bands): the rows,
+   exact duplicates left out, that share a band key.
+4. `near_duplicates` (a job per kind): verifies the candidate pairs from the
+   signatures of the candidate rows only, and decides which rows go.
+5. `filter_shard` (a job per shard): the kept rows, and the removed rows with
+   `reason`, `duplicate_of` and `similarity`; `summarise` adds up the shards.
 
-Signatures are computed with numpy for whole chunks of texts (the speed of this
-stage), exactly as datasketch's MinHash (scheme "affine32") computes them from
-32-bit shingle hashes: the MurmurHash3 finalizer, then h → a·h + b mod 2³² for
-each of the MinHash's own permutations (a, b), then the minimum per text. They
-are handed to `MinHash(hashvalues=...)`; tests check the result equals
-`MinHash.update_batch`.
+The rule, as one pass over the rows of all sources of a kind in the order
+(id, source, ptr) — ptr only orders rows with the same id and source, as they
+come in their source (clean shards are contiguous slices), so the result does
+not depend on how many shards a source has (nor on the order of the sources):
+
+- exact: a row whose normalised text (`normalise`: lowercase, no whitespace, no
+  punctuation) has the digest of an earlier row's is removed as "exact", with
+  `duplicate_of` the first row of that digest (which may go as "near" in turn).
+- near: among the first rows of their digests, a row is removed as "near" when
+  it is *similar* to an earlier *kept* row that it shares a band key with; its
+  `duplicate_of` is the earliest such row. A removed row is nobody's original,
+  so there are no chains (A ~ B ~ C does not remove C for A unless C ~ A).
+- similar: estimated Jaccard similarity of the character n-gram sets ≥
+  `threshold`; or, when both normalised texts are shorter than `short_chars`,
+  estimated Jaccard ≥ `short_threshold` and character similarity
+  (`char_similarity`) ≥ `short_similarity`. `similarity` is the score that
+  decided: the Jaccard estimate, or the character similarity (1.0 for exact).
+- band keys: the bands of datasketch's `MinHashLSH` for `threshold` with weights
+  `LSH_WEIGHTS`; rows shorter than `short_chars` also get bands for
+  `short_threshold`: one substituted character changes n of a text's n-grams,
+  so a short copy is less similar to its original than a long one is.
+
+`dedup_table` is the single-process reference: the same rule over datasketch's
+`MinHashLSH` indexes; tests check that the stages give exactly its result. The
+stages' band keys are 64-bit hashes of the band's values, so two rows share a key
+where datasketch's bands are equal, or (with probability 2⁻⁶⁴ per pair) collide.
+
+Memory: a signature or filter job holds its shard; the exact job the rows of repeated
+digests; a band job one band's (ptr, key) column at a time and its pairs (a key shared
+by m rows gives m(m−1)/2 of them: exact duplicates are left out first); the cluster job
+the candidate pairs and the candidate rows' signatures, never all signatures.
+
+Signatures are computed with numpy for whole chunks of texts, exactly as
+datasketch's MinHash (scheme "affine32") computes them from 32-bit shingle
+hashes: the MurmurHash3 finalizer, then h → a·h + b mod 2³² for each of the
+MinHash's own permutations (a, b), then the minimum per text.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import hashlib
-import multiprocessing
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 from datasketch import MinHash, MinHashLSH
 
@@ -35,21 +70,59 @@ from zhlm.data.schema import KIND_FIELDS, text_of
 
 _drop_space_and_punct = char_remover(("Zs", "Zl", "Zp", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po"), extra=r"\s")
 
-# Defaults measured on the demo corpus (benchmarks/bench_clean_dedup.py): character
-# bigrams at Jaccard 0.7 find ~90% of copies with 5% of their characters substituted
-# (~97% of those of 20+ characters), while 5-grams at 0.8 find almost none of them.
-DEFAULTS = {"ngram": 2, "num_perm": 128, "threshold": 0.7}
-
 _SCHEME = "affine32"
 _POLY = np.uint64(0x9E3779B97F4A7C15)   # odd multiplier of the rolling n-gram hash
 _BLOCK_SHINGLES = 16_384                 # shingles per numpy block: (num_perm, block) stays in cache
-_CHUNK_TEXTS = 2_000                     # texts per task (and per pool job)
+_CHUNK_TEXTS = 2_000                     # texts per signature chunk
 # MinHashLSH weights (false positive, false negative) for choosing its bands. Every
-# candidate is verified with MinHash.jaccard >= threshold, so a false positive of the
-# index costs one comparison, while a false negative is a duplicate kept: weigh recall.
-# (With datasketch's (0.5, 0.5) a pair right at the threshold is a candidate < 50% of the time.)
+# candidate is verified, so a false positive of the index costs one comparison, while a
+# false negative is a duplicate kept: weigh recall.
 LSH_WEIGHTS = (0.1, 0.9)
+_SHARD_BITS, _ROW_BITS = 16, 32          # ptr = source_no << 48 | shard << 32 | row
 
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """What decides dedup's result (defaults measured by benchmarks/bench_dedup.py; the
+    workflow's come from the config schema)."""
+    ngram: int = 2                  # character n-gram size of the shingles
+    num_perm: int = 128             # MinHash permutations
+    threshold: float = 0.65         # estimated Jaccard similarity of a near duplicate
+    short_chars: int = 40           # normalised texts shorter than this are "short"
+    short_threshold: float = 0.4    # Jaccard similarity of short texts that are compared by characters
+    short_similarity: float = 0.85  # character similarity of a near duplicate between short texts
+    seed: int = 1
+
+    @property
+    def bands(self) -> list[tuple[int, int]]:
+        return _lsh_ranges(self.threshold, self.num_perm)
+
+    @property
+    def short_bands(self) -> list[tuple[int, int]]:
+        return _lsh_ranges(self.short_threshold, self.num_perm)
+
+    def band_names(self) -> list[str]:
+        return [f"lsh_{k}" for k in range(len(self.bands))] + [f"lsh_short_{k}" for k in range(len(self.short_bands))]
+
+
+DEFAULTS = dataclasses.asdict(Params())
+
+
+@functools.lru_cache
+def _lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def _lsh_ranges(threshold: float, num_perm: int) -> list[tuple[int, int]]:
+    b, r = _lsh_params(threshold, num_perm)
+    return [(k * r, (k + 1) * r) for k in range(b)]
+
+
+def ptr_of(source_no: int, shard: int, row: int | np.ndarray = 0):
+    """Where a row is, as one int64: its source's number among the kind's sources, its shard, its row."""
+    assert 0 <= source_no < 1 << (63 - _SHARD_BITS - _ROW_BITS) and 0 <= shard < 1 << _SHARD_BITS
+    return (source_no << (_SHARD_BITS + _ROW_BITS)) | (shard << _ROW_BITS) | row
 
 def normalise(text: str) -> str:
     """The dedup form of a text: lowercase, whitespace and punctuation dropped.
@@ -128,96 +201,300 @@ def _permutations(num_perm: int, seed: int) -> np.ndarray:
     return MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
 
 
+
+
 def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def _chunk_task(texts: list[str], ngram: int, num_perm: int, seed: int) -> tuple[list[bytes], np.ndarray]:
-    """Exact-match digests and MinHash signatures of the normalised texts of one chunk."""
-    texts = [normalise(t) for t in texts]
-    a, b = _permutations(num_perm, seed)
-    return [_digest(t) for t in texts], signatures(texts, ngram, a, b)
-
-
-def digests_and_signatures(texts: list[str], ngram: int, num_perm: int, seed: int,
-                           processes: int = 1) -> tuple[list[bytes], np.ndarray]:
-    """Digests and signatures (len(texts), num_perm) of all texts, computed in chunks,
-    in a process pool when processes > 1; the order (and so the result) is the same."""
-    chunks = [texts[i:i + _CHUNK_TEXTS] for i in range(0, len(texts), _CHUNK_TEXTS)]
-    task = functools.partial(_chunk_task, ngram=ngram, num_perm=num_perm, seed=seed)
-    if processes > 1 and len(chunks) > 1:
-        with multiprocessing.get_context().Pool(min(processes, len(chunks))) as pool:
-            parts = pool.map(task, chunks)
-    else:
-        parts = [task(chunk) for chunk in chunks]
-    digests = [d for part, _ in parts for d in part]
-    sigs = np.concatenate([s for _, s in parts]) if parts else np.empty((0, num_perm), np.uint32)
+def digests_and_signatures(texts: list[str], params: Params) -> tuple[list[bytes], np.ndarray]:
+    """Digests and signatures (len(texts), num_perm) of texts already normalised, in chunks."""
+    a, b = _permutations(params.num_perm, params.seed)
+    digests = [_digest(t) for t in texts]
+    parts = [signatures(texts[i:i + _CHUNK_TEXTS], params.ngram, a, b) for i in range(0, len(texts), _CHUNK_TEXTS)]
+    sigs = np.concatenate(parts) if parts else np.empty((0, params.num_perm), np.uint32)
     return digests, sigs
 
 
-def _shares_a_band(sigs: np.ndarray, hashranges: list[tuple[int, int]]) -> np.ndarray:
-    """Whether each row's LSH band values equal another row's in at least one band.
-
-    A row that shares no band with any other row can neither be a candidate nor
-    have one, so it skips the (per-row, Python-speed) LSH index and is kept. The
-    band key is a hash of the band's values: a collision only lets a row into the
-    index needlessly, it never keeps a row out.
-    """
-    shared = np.zeros(len(sigs), dtype=bool)
-    for start, end in hashranges:
+def band_keys(sigs: np.ndarray, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Per band, a 64-bit hash of each row's values in that band."""
+    keys = []
+    for start, end in ranges:
         key = np.zeros(len(sigs), dtype=np.uint64)
         for col in range(start, end):
             key = key * _POLY + sigs[:, col]
-        _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-        shared |= counts[inverse.reshape(-1)] > 1
-    return shared
+        keys.append(key)
+    return keys
 
 
-# --- the table ----------------------------------------------------------------
+def char_similarity(a: str, b: str) -> float:
+    """difflib's ratio 2·M/(len a + len b) of matching characters (1 − k/n for k of n substituted),
+    of the two texts in sorted order, so that it is symmetric."""
+    a, b = sorted((a, b))
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
-def dedup_table(table: pa.Table, kind: str, *, ngram: int = DEFAULTS["ngram"],
-                num_perm: int = DEFAULTS["num_perm"], threshold: float = DEFAULTS["threshold"], seed: int = 1,
-                processes: int = 1, lsh_weights: tuple[float, float] = LSH_WEIGHTS,
-                ) -> tuple[pa.Table, pa.Table, dict]:
-    """Remove exact and near duplicates of `text_of(row, kind)`; the first of each cluster stays.
+def _texts(table: pa.Table, kind: str) -> list[str]:
+    columns = {f: table.column(f).to_pylist() for f in KIND_FIELDS[kind]}
+    return [normalise(text_of({f: columns[f][i] for f in columns}, kind)) for i in range(table.num_rows)]
 
-    Returns (kept rows, removed rows + `reason` ("exact" | "near"), `duplicate_of`
-    (id of the kept row it duplicates) and `similarity` (estimated Jaccard; 1.0
-    for exact), stats).
+
+# --- stage 1: signatures (per shard) ---------------------------------------------
+
+
+def signature_table(table: pa.Table, kind: str, params: Params = Params(), *, source_no: int = 0,
+                    shard: int = 0) -> pa.Table:
+    """Per row of one clean shard: ptr, id, source, digest, length and (short rows only)
+    short_text of the normalised text, signature (num_perm uint32, little-endian bytes),
+    and a column per band of uint64 keys (`params.band_names()`: lsh_{k}, and lsh_short_{k}, null for long rows)."""
+    texts = _texts(table, kind)
+    digests, sigs = digests_and_signatures(texts, params)
+    lengths = np.fromiter(map(len, texts), dtype=np.int32, count=len(texts))
+    short = lengths < params.short_chars
+    columns = {
+        "ptr": pa.array(ptr_of(source_no, shard, np.arange(table.num_rows, dtype=np.int64)), pa.int64()),
+        "id": table.column("id").combine_chunks(),
+        "source": table.column("source").combine_chunks(),
+        "digest": pa.array(digests, pa.binary(16)),
+        "length": pa.array(lengths, pa.int32()),
+        "short_text": pa.array([t if s else None for t, s in zip(texts, short.tolist())], pa.string()),
+        "signature": pa.array([row.tobytes() for row in sigs.astype("<u4")], pa.binary(4 * params.num_perm)),
+    }
+    for k, key in enumerate(band_keys(sigs, params.bands)):
+        columns[f"lsh_{k}"] = pa.array(key, pa.uint64())
+    for k, key in enumerate(band_keys(sigs, params.short_bands)):
+        columns[f"lsh_short_{k}"] = pa.array(key, pa.uint64(), mask=~short)
+    return pa.table(columns)
+
+
+def band_groups(names: list[str], band_jobs: int) -> list[list[str]]:
+    """The bands of each of `band_jobs` band jobs (round robin; a job may get none)."""
+    return [names[j::band_jobs] for j in range(band_jobs)]
+
+
+def band_columns(schema_names: list[str]) -> list[str]:
+    """The band columns of a signature table, in `Params.band_names` order."""
+    def order(name):
+        prefix, k = name.rsplit("_", 1)
+        return prefix == "lsh_short", int(k)
+    return sorted((n for n in schema_names if n.startswith("lsh_")), key=order)
+
+
+# --- stage 2: exact duplicates (per kind) -------------------------------------------
+
+_EXACT_SCHEMA = {"ptr": pl.Int64, "duplicate_ptr": pl.Int64, "duplicate_of": pl.String}
+
+
+def exact_duplicates(sigs: pl.LazyFrame) -> pl.DataFrame:
+    """ptr, duplicate_ptr and duplicate_of (id) of every row whose digest an earlier row has.
+    Only the rows of repeated digests are held in memory."""
+    rows = sigs.select("ptr", "id", "source", "digest")
+    repeated = rows.group_by("digest").agg(pl.len().alias("n")).filter(pl.col("n") > 1).select("digest")
+    rows = rows.join(repeated, on="digest", how="semi").collect(engine="streaming")
+    if rows.is_empty():
+        return pl.DataFrame(schema=_EXACT_SCHEMA)
+    rows = rows.sort(["digest", "id", "source", "ptr"])
+    first = rows.group_by("digest", maintain_order=True).first().select(
+        "digest", duplicate_ptr="ptr", duplicate_of="id")
+    return (rows.join(first, on="digest").filter(pl.col("ptr") != pl.col("duplicate_ptr"))
+            .select(*_EXACT_SCHEMA).sort("ptr"))
+
+
+# --- stage 3: candidate pairs (per group of bands) -----------------------------------
+
+
+def candidate_pairs(sigs: pl.LazyFrame, exact: pl.LazyFrame, bands: list[str]) -> pl.DataFrame:
+    """Pairs (a < b, ptrs) of rows, exact duplicates left out, that share a key in one of `bands`.
+    One band at a time: only its key and ptr columns are read, and only repeated keys kept."""
+    parts = [pl.DataFrame(schema={"a": pl.Int64, "b": pl.Int64})]
+    for band in bands:
+        rows = (sigs.select("ptr", key=pl.col(band)).drop_nulls("key")
+                .join(exact.select("ptr"), on="ptr", how="anti"))
+        repeated = rows.group_by("key").agg(pl.len().alias("n")).filter(pl.col("n") > 1).select("key")
+        rows = rows.join(repeated, on="key", how="semi")
+        parts.append(rows.join(rows, on="key", suffix="_b").filter(pl.col("ptr") < pl.col("ptr_b"))
+                     .select(a="ptr", b="ptr_b").collect(engine="streaming"))
+    return pl.concat(parts).unique().sort("a", "b")
+
+
+# --- stage 4: clusters (per kind) --------------------------------------------------
+
+DUPLICATES_SCHEMA = {"ptr": pl.Int64, "reason": pl.String, "duplicate_ptr": pl.Int64, "duplicate_of": pl.String,
+                     "similarity": pl.Float64}
+
+
+def pair_scores(sigs: np.ndarray, lengths: np.ndarray, texts: list, lo: np.ndarray, hi: np.ndarray,
+                params: Params) -> np.ndarray:
+    """The similarity of each pair (lo, hi) of rows that decides it (`similar` in the module
+    docstring), NaN where the pair is not similar."""
+    jaccard = np.empty(len(lo))
+    step = max(1, (1 << 22) // max(params.num_perm, 1))
+    for i in range(0, len(lo), step):
+        jaccard[i:i + step] = (sigs[lo[i:i + step]] == sigs[hi[i:i + step]]).sum(axis=1) / params.num_perm
+    score = np.where(jaccard >= params.threshold, jaccard, np.nan)
+    short = ((lengths[lo] < params.short_chars) & (lengths[hi] < params.short_chars) & np.isnan(score)
+             & (jaccard >= params.short_threshold))
+    for i in np.flatnonzero(short).tolist():
+        sim = char_similarity(texts[lo[i]], texts[hi[i]])
+        if sim >= params.short_similarity:
+            score[i] = sim
+    return score
+
+
+def greedy_removals(lo: np.ndarray, hi: np.ndarray, score: np.ndarray) -> dict[int, tuple[int, float]]:
+    """Rank of each removed row -> (rank of its original, similarity), for similar pairs of
+    ranks lo < hi: a row goes for the earliest earlier kept row it is similar to."""
+    order = np.lexsort((lo, hi))
+    removed: dict[int, tuple[int, float]] = {}
+    for a, b, s in zip(lo[order].tolist(), hi[order].tolist(), score[order].tolist()):
+        if b not in removed and a not in removed:
+            removed[b] = (a, s)
+    return removed
+
+
+def near_duplicates(sigs: pl.LazyFrame, exact: pl.DataFrame, pairs: pl.LazyFrame,
+                    params: Params) -> tuple[pl.DataFrame, dict]:
+    """Every removed row of the kind (exact and near), with its reason, original and similarity,
+    sorted by ptr; and the counts of candidate pairs and rows. Only the candidate rows'
+    signatures are read."""
+    pairs = pairs.unique().collect(engine="streaming")
+    candidates = pl.concat([pairs["a"], pairs["b"]]).unique().to_frame("ptr")
+    rows = (sigs.select("ptr", "id", "source", "length", "short_text", "signature")
+            .join(candidates.lazy(), on="ptr", how="semi").collect(engine="streaming")
+            .sort(["id", "source", "ptr"]))
+    ptrs = rows["ptr"].to_numpy()
+    by_ptr = np.argsort(ptrs)
+    rank_a = by_ptr[np.searchsorted(ptrs, pairs["a"].to_numpy(), sorter=by_ptr)]
+    rank_b = by_ptr[np.searchsorted(ptrs, pairs["b"].to_numpy(), sorter=by_ptr)]
+    lo, hi = np.minimum(rank_a, rank_b), np.maximum(rank_a, rank_b)
+    signatures_ = (np.frombuffer(b"".join(rows["signature"].to_list()), dtype="<u4").reshape(-1, params.num_perm)
+                   if len(rows) else np.empty((0, params.num_perm), np.uint32))
+    score = pair_scores(signatures_, rows["length"].to_numpy(), rows["short_text"].to_list(), lo, hi, params)
+    similar = ~np.isnan(score)
+    removed = greedy_removals(lo[similar], hi[similar], score[similar])
+    ids = rows["id"].to_list()
+    near = pl.DataFrame({
+        "ptr": [int(ptrs[r]) for r in removed], "reason": ["near"] * len(removed),
+        "duplicate_ptr": [int(ptrs[o]) for o, _ in removed.values()],
+        "duplicate_of": [ids[o] for o, _ in removed.values()],
+        "similarity": [s for _, s in removed.values()]}, schema=DUPLICATES_SCHEMA)
+    exact = exact.select("ptr", reason=pl.lit("exact"), duplicate_ptr="duplicate_ptr",
+                         duplicate_of="duplicate_of", similarity=pl.lit(1.0)).cast(DUPLICATES_SCHEMA)
+    stats = {"candidate_pairs": len(pairs), "candidate_rows": len(rows), "similar_pairs": int(similar.sum()),
+             "removed_exact": len(exact), "removed_near": len(near)}
+    return pl.concat([exact, near]).sort("ptr"), stats
+
+
+# --- stage 5: filter (per shard) ----------------------------------------------------
+
+
+def filter_shard(table: pa.Table, duplicates: pl.LazyFrame | pl.DataFrame, *, source_no: int = 0,
+                 shard: int = 0) -> tuple[pa.Table, pa.Table, dict]:
+    """The kept rows of one clean shard, its removed rows with `reason` ("exact" | "near"),
+    `duplicate_of` (the id of the row it duplicates) and `similarity`, and its counts."""
+    first = ptr_of(source_no, shard)
+    mine = (duplicates.lazy().filter(pl.col("ptr").is_between(first, first + table.num_rows - 1))
+            .collect().sort("ptr"))
+    gone = mine["ptr"].to_numpy() - first
+    keep = np.setdiff1d(np.arange(table.num_rows), gone, assume_unique=True)
+    kept = table.take(pa.array(keep, pa.int64()))
+    removed = table.take(pa.array(gone, pa.int64()))
+    for name, typ in (("reason", pa.string()), ("duplicate_of", pa.string()), ("similarity", pa.float64())):
+        removed = removed.append_column(name, mine[name].to_arrow().cast(typ))
+    n_exact = int((mine["reason"] == "exact").sum())
+    stats = {"rows_in": table.num_rows, "rows_kept": kept.num_rows, "rows_removed": removed.num_rows,
+             "removed_exact": n_exact, "removed_near": removed.num_rows - n_exact}
+    return kept, removed, stats
+
+
+def summarise(shards: dict[str, dict], clusters: dict, params: Params) -> dict:
+    """A kind's counts: the shards' added up, each shard's, and the cluster job's."""
+    total = {key: sum(s[key] for s in shards.values())
+             for key in ("rows_in", "rows_kept", "rows_removed", "removed_exact", "removed_near")}
+    assert total["rows_in"] == total["rows_kept"] + total["rows_removed"], total
+    assert (total["removed_exact"], total["removed_near"]) == (clusters["removed_exact"], clusters["removed_near"])
+    return {**total, "shards": shards, "clusters": clusters, "params": params_stats(params)}
+
+
+def params_stats(params: Params) -> dict:
+    return {**dataclasses.asdict(params), "lsh_weights": list(LSH_WEIGHTS),
+            "lsh": list(_lsh_params(params.threshold, params.num_perm)),
+            "short_lsh": list(_lsh_params(params.short_threshold, params.num_perm))}
+
+
+def dedup_shards(shards: dict[str, list[pa.Table]], kind: str, params: Params = Params(),
+                 band_jobs: int = 4) -> tuple[dict[str, list[pa.Table]], dict[str, list[pa.Table]], dict]:
+    """All stages in this process over the clean shards of each source of a kind (as the
+    workflow runs them as jobs): kept and removed tables per source and shard, and the summary."""
+    sigs = pl.concat([pl.from_arrow(signature_table(t, kind, params, source_no=s, shard=k)).lazy()
+                      for s, tables in enumerate(shards.values()) for k, t in enumerate(tables)])
+    exact = exact_duplicates(sigs)
+    names = params.band_names()
+    pairs = pl.concat([candidate_pairs(sigs, exact.lazy(), group).lazy()
+                       for group in band_groups(names, band_jobs)])
+    duplicates, clusters = near_duplicates(sigs, exact, pairs, params)
+    kept, removed, stats = {}, {}, {}
+    for s, (source, tables) in enumerate(shards.items()):
+        kept[source], removed[source] = [], []
+        for k, t in enumerate(tables):
+            kt, rt, st = filter_shard(t, duplicates, source_no=s, shard=k)
+            kept[source].append(kt)
+            removed[source].append(rt)
+            stats[f"{source}/{k}"] = st
+    return kept, removed, summarise(stats, clusters, params)
+
+
+# --- the single-process reference --------------------------------------------------
+
+
+def dedup_table(table: pa.Table, kind: str, params: Params = Params()) -> tuple[pa.Table, pa.Table, dict]:
+    """The rule of the module docstring in one process, over datasketch `MinHashLSH` indexes
+    (a main one for every row and a short one for short rows, each holding the kept rows).
+
+    Returns (kept rows, removed rows + `reason`, `duplicate_of`, `similarity`, stats), both in
+    table order.
     """
     n = table.num_rows
-    columns = {f: table.column(f).to_pylist() for f in KIND_FIELDS[kind]}
-    ids = table.column("id").to_pylist()
-    texts = [text_of({f: columns[f][i] for f in columns}, kind) for i in range(n)]
-    # Signatures of exact duplicates are computed too (and unused): that keeps the
-    # whole per-text work in one parallel pass.
-    digests, sigs = digests_and_signatures(texts, ngram, num_perm, seed, processes)
+    texts = _texts(table, kind)
+    ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
+    digests, sigs = digests_and_signatures(texts, params)
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+    is_short = lengths < params.short_chars
+    order = sorted(range(n), key=lambda i: (ids[i], sources[i], i))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
 
     removed: dict[int, tuple[str, str, float]] = {}   # row -> (reason, duplicate_of, similarity)
     first_of: dict[bytes, int] = {}
-    for i, digest in enumerate(digests):
-        j = first_of.setdefault(digest, i)
+    for i in order:
+        j = first_of.setdefault(digests[i], i)
         if j != i:
             removed[i] = ("exact", ids[j], 1.0)
-    distinct = np.array(sorted(first_of.values()), dtype=np.int64)
+    distinct = [i for i in order if i not in removed]
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=lsh_weights)
-    shared = _shares_a_band(sigs[distinct], lsh.hashranges)
-    permutations = _permutations(num_perm, seed)
-    kept_minhash: dict[int, MinHash] = {}
-    for i in distinct[shared].tolist():
-        m = MinHash(seed=seed, hashvalues=sigs[i], permutations=permutations, scheme=_SCHEME)
-        best, best_sim = None, 0.0
-        for j in lsh.query(m):
-            sim = m.jaccard(kept_minhash[j])
-            if sim >= threshold and (best is None or j < best):
-                best, best_sim = j, sim
+    main = MinHashLSH(num_perm=params.num_perm, params=_lsh_params(params.threshold, params.num_perm))
+    short = MinHashLSH(num_perm=params.num_perm, params=_lsh_params(params.short_threshold, params.num_perm))
+    permutations = _permutations(params.num_perm, params.seed)
+    for i in distinct:
+        m = MinHash(seed=params.seed, hashvalues=sigs[i], permutations=permutations, scheme=_SCHEME)
+        candidates = set(main.query(m)) | (set(short.query(m)) if is_short[i] else set())
+        best = None
+        for j in sorted(candidates, key=lambda j: rank[j]):
+            sim = m.jaccard(MinHash(seed=params.seed, hashvalues=sigs[j], permutations=permutations,
+                                    scheme=_SCHEME))
+            if sim < params.threshold:
+                sim = (char_similarity(texts[i], texts[j])
+                       if is_short[i] and is_short[j] and sim >= params.short_threshold else 0.0)
+                if sim < params.short_similarity:
+                    continue
+            best = (j, sim)
+            break
         if best is None:
-            lsh.insert(i, m, check_duplication=False)
-            kept_minhash[i] = m
+            main.insert(i, m, check_duplication=False)
+            if is_short[i]:
+                short.insert(i, m, check_duplication=False)
         else:
-            removed[i] = ("near", ids[best], best_sim)
+            removed[i] = ("near", ids[best[0]], best[1])
 
     gone = sorted(removed)
     keep = np.setdiff1d(np.arange(n), np.array(gone, dtype=np.int64), assume_unique=True)
@@ -225,16 +502,8 @@ def dedup_table(table: pa.Table, kind: str, *, ngram: int = DEFAULTS["ngram"],
     removed_table = table.take(pa.array(gone, type=pa.int64()))
     for name, typ, col in (("reason", pa.string(), 0), ("duplicate_of", pa.string(), 1),
                            ("similarity", pa.float64(), 2)):
-        removed_table = removed_table.append_column(
-            name, pa.array([removed[i][col] for i in gone], type=typ))
+        removed_table = removed_table.append_column(name, pa.array([removed[i][col] for i in gone], type=typ))
     n_exact = sum(1 for r in removed.values() if r[0] == "exact")
-    stats = {
-        "rows_in": n,
-        "rows_kept": len(keep),
-        "rows_removed": len(gone),
-        "removed_exact": n_exact,
-        "removed_near": len(gone) - n_exact,
-        "params": {"ngram": ngram, "num_perm": num_perm, "threshold": threshold, "seed": seed,
-                   "lsh_bands": lsh.b, "lsh_rows": lsh.r},
-    }
+    stats = {"rows_in": n, "rows_kept": len(keep), "rows_removed": len(gone), "removed_exact": n_exact,
+             "removed_near": len(gone) - n_exact, "params": params_stats(params)}
     return kept, removed_table, stats
