@@ -1,6 +1,6 @@
 """Binarization throughput beside the tokenizer's own `encode_batch` alone.
 
-    python benchmarks/bench_binarize.py [--text results/split/pretrain/train.parquet]
+    python benchmarks/bench_binarize.py [--text 'results/split/pretrain/*/*/train.parquet']
         [--tokenizer results/tokenizer/tokenizer.json]
 
 Run the demo first (`snakemake --cores all results/tokens/train.bin`). Prints
@@ -8,6 +8,7 @@ tokens/s of `zhlm.binarize.binarize` (read parquet, encode, write the uint16
 file) and of `Tokenizer.encode_batch` over the same texts held in memory.
 """
 import argparse
+import glob
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +21,15 @@ from zhlm.tokenizer.binarize import binarize
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--text", default="results/split/pretrain/train.parquet")
+    ap.add_argument("--text", default="results/split/pretrain/*/*/train.parquet", help="a glob of parquet files")
     ap.add_argument("--tokenizer", default="results/tokenizer/tokenizer.json")
     ap.add_argument("--batch-size", type=int, default=1024)
     args = ap.parse_args()
 
-    texts = [t for t in pq.read_table(args.text, columns=["text"]).column(0).to_pylist() if t]
+    files = sorted(glob.glob(args.text))
+    if not files:
+        raise SystemExit(f"no file matches {args.text}: run the demo first")
+    texts = [t for f in files for t in pq.read_table(f, columns=["text"]).column(0).to_pylist() if t]
     tokenizer = Tokenizer.from_file(args.tokenizer)
     start = time.perf_counter()
     n = 0
@@ -35,7 +39,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        meta = binarize(args.text, args.tokenizer, Path(tmp) / "train.bin", batch_size=args.batch_size, progress=False)
+        meta = binarize(files, args.tokenizer, Path(tmp) / "train.bin", batch_size=args.batch_size, progress=False)
         ours = time.perf_counter() - start
     assert meta["tokens"] == n, (meta["tokens"], n)
     mb = sum(len(t.encode()) for t in texts) / 1e6

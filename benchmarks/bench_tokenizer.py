@@ -14,6 +14,7 @@ The defaults are the demo's pretraining splits: run `snakemake --cores all resul
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import resource
@@ -31,7 +32,7 @@ def sampled_texts(path: str, column: str, fraction: float):
     from zhlm.tokenizer.word_counts import iter_parquet_texts
 
     step = max(1, round(1 / fraction))
-    for i, text in enumerate(iter_parquet_texts(path, [column])):
+    for i, text in enumerate(iter_parquet_texts(sorted(glob.glob(path)), [column])):
         if i % step == 0:
             yield text
 
@@ -132,7 +133,7 @@ def chars_per_token(tokenizer_file: str, heldout: str, column: str) -> float:
     from zhlm.tokenizer.word_counts import iter_parquet_texts
 
     tok = Tokenizer.from_file(tokenizer_file)
-    texts = list(iter_parquet_texts(heldout, [column]))
+    texts = list(iter_parquet_texts(sorted(glob.glob(heldout)), [column]))
     chars = sum(map(len, texts))
     tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
     return chars / tokens
@@ -140,8 +141,8 @@ def chars_per_token(tokenizer_file: str, heldout: str, column: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", default="results/split/pretrain/train.parquet")
-    ap.add_argument("--heldout", default="results/split/pretrain/val.parquet")
+    ap.add_argument("--train", default="results/split/pretrain/*/*/train.parquet", help="a glob of parquet files")
+    ap.add_argument("--heldout", default="results/split/pretrain/*/*/val.parquet", help="a glob of parquet files")
     ap.add_argument("--column", default="text")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1)

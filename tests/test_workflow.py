@@ -101,6 +101,18 @@ def shard_paths(config, source, folder):
     return [f"{folder}/{source}/{i}" for i in range(config["sources"][source].get("shards", 1))]
 
 
+def split_shards(config, kind):
+    """The split's shard folders of a kind, in the order the stages after it read them."""
+    return [p.replace("dedup/", "split/", 1) for s, src in config["sources"].items() if src["kind"] == kind
+            for p in shard_paths(config, s, f"dedup/{kind}")]
+
+
+def split_rows(dag, kind, name):
+    """The rows of one split of a kind: its shards' files, concatenated in order."""
+    workdir, config, _ = dag
+    return [r for path in split_shards(config, kind) for r in table(workdir / "results" / path / f"{name}.parquet")]
+
+
 def test_row_accounting_adds_up_in_every_stats_file(dag):
     workdir, config, _ = dag
     results = workdir / "results"
@@ -137,10 +149,12 @@ def test_row_accounting_adds_up_in_every_stats_file(dag):
             assert shard["rows_removed"] == pq.read_metadata(results / f"{path}.removed.parquet").num_rows
         for key in ("rows_in", "rows_kept", "rows_removed", "removed_exact", "removed_near"):
             assert dedup[key] == sum(shard[key] for shard in dedup["shards"].values())
-        split = stats(results / f"split/{kind}/stats.json")
-        assert split["rows_in"] == dedup["rows_kept"] == sum(split["rows"].values())
-        for name, n in split["rows"].items():
-            assert pq.read_metadata(results / f"split/{kind}/{name}.parquet").num_rows == n
+        for path in split_shards(config, kind):  # each dedup shard's kept rows, split
+            split = stats(results / path / "stats.json")
+            assert split["rows_in"] == dedup["shards"][path.split("/", 2)[2]]["rows_kept"]
+            assert split["rows_in"] == sum(split["rows"].values())
+            for name, n in split["rows"].items():
+                assert pq.read_metadata(results / path / f"{name}.parquet").num_rows == n
     # Choice sources are not deduplicated.
     assert not list(results.glob("dedup/*/demo_idiom_choice"))
     assert not list(results.glob("dedup/signatures/demo_idiom_choice"))
@@ -169,16 +183,14 @@ def test_planted_duplicates_are_removed_and_unrelated_texts_kept(dag):
 
 
 def test_held_out_items_appear_in_no_training_file(dag):
-    workdir, _, _ = dag
-    split = workdir / "results/split"
-    held_out = [r["id"] for r in table(split / "pretrain/val.parquet") + table(split / "sft/eval.parquet")]
-    trained = [r["id"] for r in table(split / "pretrain/train.parquet") + table(split / "sft/train.parquet")
-               + table(split / "sft/dpo_prompts.parquet")]
+    held_out = [r["id"] for r in split_rows(dag, "pretrain", "val") + split_rows(dag, "sft", "eval")]
+    trained = [r["id"] for r in split_rows(dag, "pretrain", "train") + split_rows(dag, "sft", "train")
+               + split_rows(dag, "sft", "dpo_prompts")]
     assert held_out and trained
     assert not {item_key(i) for i in held_out} & {item_key(i) for i in trained}
     # The held-out polarity reviews are not in the pretraining text either.
-    train_text = {r["text"] for r in table(split / "pretrain/train.parquet")}
-    eval_reviews = [r["prompt"].split("\n", 1)[1] for r in table(split / "sft/eval.parquet")
+    train_text = {r["text"] for r in split_rows(dag, "pretrain", "train")}
+    eval_reviews = [r["prompt"].split("\n", 1)[1] for r in split_rows(dag, "sft", "eval")
                     if r["id"].endswith("#polarity")]
     assert eval_reviews and not train_text & set(eval_reviews)
 
@@ -195,7 +207,7 @@ def test_token_files_hold_every_document(dag):
         assert m["tokenizer_sha256"] == hashlib.sha256((results / "tokenizer/tokenizer.json").read_bytes()).hexdigest()
         ids = np.fromfile(results / f"tokens/{split}.bin", dtype=np.uint16)
         docs = np.split(ids, np.flatnonzero(ids == m["eot_id"]) + 1)[:-1]
-        texts = [r["text"] for r in table(results / f"split/pretrain/{split}.parquet")]
+        texts = [r["text"] for r in split_rows(dag, "pretrain", split)]
         assert [tokenizer.decode(d[:-1].tolist()) for d in docs] == texts
 
 
@@ -216,7 +228,7 @@ def test_sft_and_dpo_token_files_count_every_row(dag):
     sft = stats(results / "tokens/sft/meta.json")
     assert sft["tokenizer_sha256"] == sha
     for split in ("train", "eval"):
-        rows = pq.read_metadata(results / f"split/sft/{split}.parquet").num_rows
+        rows = len(split_rows(dag, "sft", split))
         assert sft[split]["examples"] + sum(sft[split]["skipped"].values()) == rows > 0, split
         offsets = np.load(results / f"tokens/sft/{split}.offsets.npy")
         assert len(offsets) == sft[split]["examples"] + 1 and offsets[-1] == sft[split]["tokens"]
@@ -383,7 +395,7 @@ def test_rollout_pairs_come_from_the_dpo_prompts_and_are_counted(dag):
     results = workdir / "results"
     pairs = table(results / "rollouts/pairs.parquet")
     rollout_stats = stats(results / "rollouts/stats.json")
-    prompts = {r["id"]: r for r in table(results / "split/sft/dpo_prompts.parquet")}
+    prompts = {r["id"]: r for r in split_rows(dag, "sft", "dpo_prompts")}
     assert rollout_stats["prompts"] == min(len(prompts), config["rollouts"]["max_prompts"])
     assert (rollout_stats["pairs"] + rollout_stats["dropped_similar"] + rollout_stats["skipped_too_long"]
             == rollout_stats["prompts"])
@@ -403,7 +415,7 @@ def test_eval_scores_every_stage_and_writes_the_report(dag):
             assert {"polarity", "pinyin", "segmentation"} <= set(result["tasks"])
             assert result["preference"]["n"] > 0
             # The idiom choice set is scored on held-out idioms only.
-            held_out = {item_key(r["id"]) for r in table(workdir / "results/split/pretrain/val.parquet")}
+            held_out = {item_key(r["id"]) for r in split_rows(dag, "pretrain", "val")}
             assert 0 < result["choice"]["demo_idiom_choice"]["n"] <= len(held_out)
     report = (results / "report.md").read_text()
     for stage in ("pretrain", "sft", "dpo"):

@@ -116,7 +116,7 @@ def test_dry_run_lists_the_whole_dag_without_the_network(config, tmp_path):
         "dedup_signatures": sum(sources[n].get("shards", 1) for n in trained), "dedup_exact": len(kinds),
         "dedup_bands": len(kinds) * config["dedup"]["band_jobs"], "dedup_cluster": len(kinds),
         "dedup_filter": sum(sources[n].get("shards", 1) for n in trained), "dedup_summary": len(kinds),
-        **{f"split_{k}": 1 for k in kinds},
+        **{f"split_{k}": sum(sources[n].get("shards", 1) for n in trained if sources[n]["kind"] == k) for k in kinds},
         "count_words": 1, "build_tokenizer": 1, "binarize": 1, "tokenize_sft": 1, "tokenize_dpo": 1,
         "pretrain": 1, "sft": 1, "rollouts": 1, "dpo": 1,
     }

@@ -40,14 +40,16 @@ def clean_shards(source):
     return [f"results/clean/shards/{source}/{i}.parquet" for i in range(SOURCES[source]["shards"])]
 
 
+def shards_of(kind):
+    """(source, shard) of every shard of a kind's sources: parse, clean, the dedup signatures and
+    filter, and the split each run one job per shard."""
+    return [(s, i) for s in sources_of(kind) for i in range(SOURCES[s]["shards"])]
+
+
 def split_files(kind, name):
-    """The parquet files of one split of a kind (for example sft, train): every stage after
-    the split reads a split as this list."""
-    return [f"results/split/{kind}/{name}.parquet"]
-
-
-def split_outputs():
-    return [f for kind in kinds() for name in SPLITS[kind] for f in split_files(kind, name)]
+    """The parquet files of one split of a kind (for example sft, train), one per shard, in
+    source and shard order: every stage after the split reads a split as this list."""
+    return [f"results/split/{kind}/{s}/{i}/{name}.parquet" for s, i in shards_of(kind)]
 
 
 def tokenizer_training_text():
@@ -133,7 +135,7 @@ def eval_inputs(wildcards):
 # kind -> one cluster job per kind -> kept and removed rows per shard -------------------------
 
 def dedup_signatures(kind):
-    return [f"results/dedup/signatures/{s}/{i}.parquet" for s in sources_of(kind) for i in range(SOURCES[s]["shards"])]
+    return [f"results/dedup/signatures/{s}/{i}.parquet" for s, i in shards_of(kind)]
 
 
 def dedup_pairs(kind):
@@ -141,8 +143,8 @@ def dedup_pairs(kind):
 
 
 def dedup_shards(kind):
-    """The kept rows of every clean shard of the kind's sources: what split reads."""
-    return [f"results/dedup/{kind}/{s}/{i}.parquet" for s in sources_of(kind) for i in range(SOURCES[s]["shards"])]
+    """The kept rows of every clean shard of the kind's sources: what the split reads, shard by shard."""
+    return [f"results/dedup/{kind}/{s}/{i}.parquet" for s, i in shards_of(kind)]
 
 
 def dedup_duplicates(kind, source):

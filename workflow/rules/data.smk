@@ -88,25 +88,28 @@ rule gather_clean:
 
 
 # One split rule per kind present in the config, each writing that kind's splits.
+# One split rule per kind present in the config; each job splits one dedup shard into that
+# kind's splits (zhlm.data.split: a hash of the item key, so no job needs to see the others).
 for split_kind in kinds():
 
     rule:
         name:
             f"split_{split_kind}"
         input:
-            rows=dedup_shards(split_kind),
+            rows=f"results/dedup/{split_kind}/{{source}}/{{shard}}.parquet",
+            # The kind's dedup summary, which checks that its shards' counts add up.
             dedup_stats=f"results/dedup/{split_kind}.stats.json",
         output:
-            parts=expand(f"results/split/{split_kind}/{{name}}.parquet", name=SPLITS[split_kind]),
-            stats=f"results/split/{split_kind}/stats.json",
+            parts=[f"results/split/{split_kind}/{{source}}/{{shard}}/{name}.parquet" for name in SPLITS[split_kind]],
+            stats=f"results/split/{split_kind}/{{source}}/{{shard}}/stats.json",
         params:
             kind=split_kind,
             holdout=config["split"]["holdout"],
             dpo_prompts=config["split"]["dpo_prompts"],
         log:
-            f"results/logs/split/{split_kind}.log",
+            f"results/logs/split/{split_kind}/{{source}}/{{shard}}.log",
         benchmark:
-            f"results/benchmarks/split/{split_kind}.tsv"
+            f"results/benchmarks/split/{split_kind}/{{source}}/{{shard}}.tsv"
         conda:
             "../../envs/zhlm.yaml"
         script:
