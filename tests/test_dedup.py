@@ -2,6 +2,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 import yaml
@@ -275,3 +276,15 @@ def test_recall_of_planted_copies_and_distinct_removed():
     assert sum(found) / len(found) >= 0.95
     _, _, stats = dedup_shards({"rows": shard(rows_table(rows, "pretrain"), 3)}, "pretrain")
     assert stats["removed_near"] / (stats["rows_in"] - stats["removed_exact"]) <= 0.01
+
+
+def test_a_bucket_gives_pairs_in_proportion_to_its_rows():
+    """Each of a bucket's first ANCHORS rows is paired with every later row: 2m − 3 pairs for
+    m rows sharing a key, not m(m − 1)/2, so a common key cannot make the pairs grow quadratically."""
+    m = 500
+    sigs = pl.DataFrame({"ptr": list(range(m, 0, -1)), "lsh_0": [7] * m}, schema={"ptr": pl.Int64, "lsh_0": pl.UInt64})
+    exact = pl.DataFrame({"ptr": [3]}, schema={"ptr": pl.Int64})  # exact duplicates are left out
+    pairs = dedup.candidate_pairs(sigs.lazy(), exact.lazy(), ["lsh_0"])
+    assert len(pairs) == 2 * (m - 1) - 3
+    assert set(pairs.filter(pl.col("a") == 1)["b"]) == set(range(2, m + 1)) - {3}
+    assert set(pairs["a"]) == {1, 2}

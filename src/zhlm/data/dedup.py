@@ -16,36 +16,40 @@ is bounded by a shard, by one group of bands, or by the candidate rows:
 5. `filter_shard` (a job per shard): the kept rows, and the removed rows with
    `reason`, `duplicate_of` and `similarity`; `summarise` adds up the shards.
 
-The rule, as one pass over the rows of all sources of a kind in the order
-(id, source, ptr) — ptr only orders rows with the same id and source, as they
-come in their source (clean shards are contiguous slices), so the result does
-not depend on how many shards a source has (nor on the order of the sources):
+The rule. Rows are ranked in the order (id, source, ptr) over all sources of a kind
+— ptr only orders rows with the same id and source, as they come in their source
+(clean shards are contiguous slices), so the result does not depend on how many
+shards a source has (nor on the order of the sources):
 
 - exact: a row whose normalised text (`normalise`: lowercase, no whitespace, no
-  punctuation) has the digest of an earlier row's is removed as "exact", with
+  punctuation) has the digest of an earlier-ranked row's is removed as "exact", with
   `duplicate_of` the first row of that digest (which may go as "near" in turn).
-- near: among the first rows of their digests, a row is removed as "near" when
-  it is *similar* to an earlier *kept* row that it shares a band key with; its
-  `duplicate_of` is the earliest such row. A removed row is nobody's original,
-  so there are no chains (A ~ B ~ C does not remove C for A unless C ~ A).
+- candidates: among the first rows of their digests, the rows that share an LSH band
+  key form a bucket; each of the bucket's first `ANCHORS` rows (in ptr order) is paired
+  with each other row of it, as NeMo Curator's anchors do. A bucket of m rows gives at
+  most ANCHORS·(m−1) pairs, not m(m−1)/2: the pairs grow with the corpus, not with its
+  square (short texts share band keys by chance often enough for that to matter).
+- near: the candidate pairs that are *similar* join their rows into clusters
+  (connected components); the first-ranked row of a cluster stays and every other
+  row goes as "near", `duplicate_of` that first row, `similarity` their similarity
+  score (a row can join through a third row, so it may be below the threshold).
 - similar: estimated Jaccard similarity of the character n-gram sets ≥
   `threshold`; or, when both normalised texts are shorter than `short_chars`,
   estimated Jaccard ≥ `short_threshold` and character similarity
-  (`char_similarity`) ≥ `short_similarity`. `similarity` is the score that
-  decided: the Jaccard estimate, or the character similarity (1.0 for exact).
+  (`char_similarity`) ≥ `short_similarity`. The score is the Jaccard estimate, or
+  the character similarity where that decided (1.0 for exact).
 - band keys: the bands of datasketch's `MinHashLSH` for `threshold` with weights
   `LSH_WEIGHTS`; rows shorter than `short_chars` also get bands for
   `short_threshold`: one substituted character changes n of a text's n-grams,
   so a short copy is less similar to its original than a long one is.
 
-`dedup_table` is the single-process reference: the same rule over datasketch's
-`MinHashLSH` indexes; tests check that the stages give exactly its result. The
+`dedup_table` is the single-process reference: the same rule over the buckets of
+datasketch's `MinHashLSH` indexes; tests check that the stages give exactly its result. The
 stages' band keys are 64-bit hashes of the band's values, so two rows share a key
 where datasketch's bands are equal, or (with probability 2⁻⁶⁴ per pair) collide.
 
 Memory: a signature or filter job holds its shard; the exact job the rows of repeated
-digests; a band job one band's (ptr, key) column at a time and its pairs (a key shared
-by m rows gives m(m−1)/2 of them: exact duplicates are left out first); the cluster job
+digests; a band job one band's (ptr, key) column at a time and its pairs; the cluster job
 the candidate pairs and the candidate rows' signatures, never all signatures.
 
 Signatures are computed with numpy for whole chunks of texts, exactly as
@@ -79,6 +83,7 @@ _CHUNK_TEXTS = 2_000                     # texts per signature chunk
 # false negative is a duplicate kept: weigh recall.
 LSH_WEIGHTS = (0.1, 0.9)
 _SHARD_BITS, _ROW_BITS = 16, 32          # ptr = source_no << 48 | shard << 32 | row
+ANCHORS = 2                              # rows of a bucket that each other row of it is compared with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,16 +309,19 @@ def exact_duplicates(sigs: pl.LazyFrame) -> pl.DataFrame:
 
 
 def candidate_pairs(sigs: pl.LazyFrame, exact: pl.LazyFrame, bands: list[str]) -> pl.DataFrame:
-    """Pairs (a < b, ptrs) of rows, exact duplicates left out, that share a key in one of `bands`.
-    One band at a time: only its key and ptr columns are read, and only repeated keys kept."""
+    """Pairs (a < b, ptrs) of rows, exact duplicates left out, that share a key in one of `bands`:
+    each of a key's first ANCHORS rows with each other row of it. One band at a time: only its
+    key and ptr columns are read, and only the rows of repeated keys held."""
     parts = [pl.DataFrame(schema={"a": pl.Int64, "b": pl.Int64})]
     for band in bands:
         rows = (sigs.select("ptr", key=pl.col(band)).drop_nulls("key")
                 .join(exact.select("ptr"), on="ptr", how="anti"))
         repeated = rows.group_by("key").agg(pl.len().alias("n")).filter(pl.col("n") > 1).select("key")
-        rows = rows.join(repeated, on="key", how="semi")
-        parts.append(rows.join(rows, on="key", suffix="_b").filter(pl.col("ptr") < pl.col("ptr_b"))
-                     .select(a="ptr", b="ptr_b").collect(engine="streaming"))
+        buckets = (rows.join(repeated, on="key", how="semi").group_by("key").agg(pl.col("ptr").sort())
+                   .collect(engine="streaming"))
+        for k in range(ANCHORS):   # the k-th row of each bucket with every later row of it
+            parts.append(buckets.filter(pl.col("ptr").list.len() > k + 1)
+                         .select(a=pl.col("ptr").list.get(k), b=pl.col("ptr").list.slice(k + 1)).explode("b"))
     return pl.concat(parts).unique().sort("a", "b")
 
 
@@ -324,9 +332,9 @@ DUPLICATES_SCHEMA = {"ptr": pl.Int64, "reason": pl.String, "duplicate_ptr": pl.I
 
 
 def pair_scores(sigs: np.ndarray, lengths: np.ndarray, texts: list, lo: np.ndarray, hi: np.ndarray,
-                params: Params) -> np.ndarray:
-    """The similarity of each pair (lo, hi) of rows that decides it (`similar` in the module
-    docstring), NaN where the pair is not similar."""
+                params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """The estimated Jaccard similarity of each pair (lo, hi) of rows, and the score that makes
+    it similar (`similar` in the module docstring), NaN where the pair is not similar."""
     jaccard = np.empty(len(lo))
     step = max(1, (1 << 22) // max(params.num_perm, 1))
     for i in range(0, len(lo), step):
@@ -338,18 +346,24 @@ def pair_scores(sigs: np.ndarray, lengths: np.ndarray, texts: list, lo: np.ndarr
         sim = char_similarity(texts[lo[i]], texts[hi[i]])
         if sim >= params.short_similarity:
             score[i] = sim
-    return score
+    return jaccard, score
 
 
-def greedy_removals(lo: np.ndarray, hi: np.ndarray, score: np.ndarray) -> dict[int, tuple[int, float]]:
-    """Rank of each removed row -> (rank of its original, similarity), for similar pairs of
-    ranks lo < hi: a row goes for the earliest earlier kept row it is similar to."""
-    order = np.lexsort((lo, hi))
-    removed: dict[int, tuple[int, float]] = {}
-    for a, b, s in zip(lo[order].tolist(), hi[order].tolist(), score[order].tolist()):
-        if b not in removed and a not in removed:
-            removed[b] = (a, s)
-    return removed
+def first_of_cluster(n: int, lo, hi) -> np.ndarray:
+    """For each of n ranks, the smallest rank connected to it by the pairs (lo, hi) (union-find)."""
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(lo, hi):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(x) for x in range(n)], dtype=np.int64)
 
 
 def near_duplicates(sigs: pl.LazyFrame, exact: pl.DataFrame, pairs: pl.LazyFrame,
@@ -366,18 +380,19 @@ def near_duplicates(sigs: pl.LazyFrame, exact: pl.DataFrame, pairs: pl.LazyFrame
     by_ptr = np.argsort(ptrs)
     rank_a = by_ptr[np.searchsorted(ptrs, pairs["a"].to_numpy(), sorter=by_ptr)]
     rank_b = by_ptr[np.searchsorted(ptrs, pairs["b"].to_numpy(), sorter=by_ptr)]
-    lo, hi = np.minimum(rank_a, rank_b), np.maximum(rank_a, rank_b)
     signatures_ = (np.frombuffer(b"".join(rows["signature"].to_list()), dtype="<u4").reshape(-1, params.num_perm)
                    if len(rows) else np.empty((0, params.num_perm), np.uint32))
-    score = pair_scores(signatures_, rows["length"].to_numpy(), rows["short_text"].to_list(), lo, hi, params)
+    lengths, texts = rows["length"].to_numpy(), rows["short_text"].to_list()
+    _, score = pair_scores(signatures_, lengths, texts, rank_a, rank_b, params)
     similar = ~np.isnan(score)
-    removed = greedy_removals(lo[similar], hi[similar], score[similar])
+    first = first_of_cluster(len(rows), rank_a[similar].tolist(), rank_b[similar].tolist())
+    gone = np.flatnonzero(first != np.arange(len(rows)))
+    jaccard, score = pair_scores(signatures_, lengths, texts, first[gone], gone, params)
     ids = rows["id"].to_list()
     near = pl.DataFrame({
-        "ptr": [int(ptrs[r]) for r in removed], "reason": ["near"] * len(removed),
-        "duplicate_ptr": [int(ptrs[o]) for o, _ in removed.values()],
-        "duplicate_of": [ids[o] for o, _ in removed.values()],
-        "similarity": [s for _, s in removed.values()]}, schema=DUPLICATES_SCHEMA)
+        "ptr": ptrs[gone], "reason": ["near"] * len(gone), "duplicate_ptr": ptrs[first[gone]],
+        "duplicate_of": [ids[r] for r in first[gone].tolist()],
+        "similarity": np.where(np.isnan(score), jaccard, score)}, schema=DUPLICATES_SCHEMA)
     exact = exact.select("ptr", reason=pl.lit("exact"), duplicate_ptr="duplicate_ptr",
                          duplicate_of="duplicate_of", similarity=pl.lit(1.0)).cast(DUPLICATES_SCHEMA)
     stats = {"candidate_pairs": len(pairs), "candidate_rows": len(rows), "similar_pairs": int(similar.sum()),
@@ -448,8 +463,8 @@ def dedup_shards(shards: dict[str, list[pa.Table]], kind: str, params: Params = 
 
 
 def dedup_table(table: pa.Table, kind: str, params: Params = Params()) -> tuple[pa.Table, pa.Table, dict]:
-    """The rule of the module docstring in one process, over datasketch `MinHashLSH` indexes
-    (a main one for every row and a short one for short rows, each holding the kept rows).
+    """The rule of the module docstring in one process, over the buckets of datasketch
+    `MinHashLSH` indexes (a main one for every distinct row and a short one for the short rows).
 
     Returns (kept rows, removed rows + `reason`, `duplicate_of`, `similarity`, stats), both in
     table order.
@@ -472,29 +487,49 @@ def dedup_table(table: pa.Table, kind: str, params: Params = Params()) -> tuple[
             removed[i] = ("exact", ids[j], 1.0)
     distinct = [i for i in order if i not in removed]
 
+    # Buckets: the rows of each key of each band of two MinHashLSH indexes (every distinct
+    # row, and the short ones), in table order, which is ptr order; pairs from their anchors.
     main = MinHashLSH(num_perm=params.num_perm, params=_lsh_params(params.threshold, params.num_perm))
     short = MinHashLSH(num_perm=params.num_perm, params=_lsh_params(params.short_threshold, params.num_perm))
     permutations = _permutations(params.num_perm, params.seed)
+    minhash = {i: MinHash(seed=params.seed, hashvalues=sigs[i], permutations=permutations, scheme=_SCHEME)
+               for i in distinct}
     for i in distinct:
-        m = MinHash(seed=params.seed, hashvalues=sigs[i], permutations=permutations, scheme=_SCHEME)
-        candidates = set(main.query(m)) | (set(short.query(m)) if is_short[i] else set())
-        best = None
-        for j in sorted(candidates, key=lambda j: rank[j]):
-            sim = m.jaccard(MinHash(seed=params.seed, hashvalues=sigs[j], permutations=permutations,
-                                    scheme=_SCHEME))
-            if sim < params.threshold:
-                sim = (char_similarity(texts[i], texts[j])
-                       if is_short[i] and is_short[j] and sim >= params.short_threshold else 0.0)
-                if sim < params.short_similarity:
-                    continue
-            best = (j, sim)
-            break
-        if best is None:
-            main.insert(i, m, check_duplication=False)
-            if is_short[i]:
-                short.insert(i, m, check_duplication=False)
-        else:
-            removed[i] = ("near", ids[best[0]], best[1])
+        main.insert(i, minhash[i], check_duplication=False)
+        if is_short[i]:
+            short.insert(i, minhash[i], check_duplication=False)
+    pairs = set()
+    for table_ in [*main.hashtables, *short.hashtables]:
+        for key in table_.keys():
+            bucket = sorted(table_.get(key))
+            pairs |= {(a, b) for k, a in enumerate(bucket[:ANCHORS]) for b in bucket[k + 1:]}
+
+    def similarity(i, j) -> tuple[float, bool]:
+        jaccard = minhash[i].jaccard(minhash[j])
+        if jaccard >= params.threshold:
+            return jaccard, True
+        if is_short[i] and is_short[j] and jaccard >= params.short_threshold:
+            chars = char_similarity(texts[i], texts[j])
+            if chars >= params.short_similarity:
+                return chars, True
+        return jaccard, False
+
+    # Clusters: union-find over the similar pairs, each led by its first row in rank order.
+    leader = {i: i for i in distinct}
+
+    def find(i):
+        while leader[i] != i:
+            i = leader[i]
+        return i
+
+    for a, b in sorted(pairs):
+        if similarity(a, b)[1]:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                leader[ra], leader[rb] = (rb, rb) if rank[rb] < rank[ra] else (ra, ra)
+    for i in distinct:
+        if find(i) != i:
+            removed[i] = ("near", ids[find(i)], similarity(find(i), i)[0])
 
     gone = sorted(removed)
     keep = np.setdiff1d(np.arange(n), np.array(gone, dtype=np.int64), assume_unique=True)
