@@ -8,6 +8,7 @@ from zhlm.data.fetch import file_name, local_file
 from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
 from zhlm.io import MODEL_FILES, TOKENIZER_FILES
+from zhlm.tokenizer.conversations import BY_ID_FILE, TOKEN_FILES
 
 SOURCES = config["sources"]
 
@@ -76,9 +77,8 @@ def folder(files):
 def conversation_files(folder, *prefixes, by_id=()):
     """The token files of conversations under `folder` (zhlm.tokenizer.conversations), one set per
     prefix, and meta.json; prefixes in `by_id` also have their order by row id."""
-    suffixes = ["ids.bin", "mask.bin", "offsets.npy", "answer_start.npy"]
     return [f"{folder}/{prefix}.{suffix}" for prefix in prefixes
-            for suffix in suffixes + (["by_id.npy"] if prefix in by_id else [])] + [f"{folder}/meta.json"]
+            for suffix in TOKEN_FILES + ((BY_ID_FILE,) if prefix in by_id else ())] + [f"{folder}/meta.json"]
 
 
 # --- model stages -----------------------------------------------------------

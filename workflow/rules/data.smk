@@ -87,7 +87,6 @@ rule gather_clean:
         "../scripts/gather_clean.py"
 
 
-# One split rule per kind present in the config, each writing that kind's splits.
 # One split rule per kind present in the config; each job splits one dedup shard into that
 # kind's splits (zhlm.data.split: a hash of the item key, so no job needs to see the others).
 for split_kind in kinds():

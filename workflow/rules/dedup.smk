@@ -65,7 +65,7 @@ rule dedup_cluster:
         duplicates="results/dedup/{kind}/duplicates.parquet",
         stats="results/dedup/{kind}/duplicates.stats.json",
     params:
-        settings=dedup_params("num_perm", "threshold", "short_chars", "short_similarity"),
+        settings=dedup_params("num_perm", "threshold", "short_chars", "short_threshold", "short_similarity"),
     log:
         "results/logs/dedup_cluster/{kind}.log",
     benchmark:

@@ -30,6 +30,8 @@ from zhlm.tokenizer.binarize import token_dtype
 from zhlm.tokenizer.chat import IGNORE, encode_chats, messages_of
 
 NO_ANSWER = "no_answer_token"  # the reason a row is left out
+TOKEN_FILES = ("ids.bin", "mask.bin", "offsets.npy", "answer_start.npy")  # per prefix, as in the docstring
+BY_ID_FILE = "by_id.npy"                                                  # per prefix written with order_by_id
 
 
 def parquet_batches(paths, batch_size: int) -> Iterator[list[dict]]:
@@ -77,7 +79,7 @@ class ConversationWriter:
         index = {"offsets.npy": np.frombuffer(self.offsets, dtype=np.int64),
                  "answer_start.npy": np.frombuffer(self.answer_starts, dtype=np.int64)}
         if self.row_ids is not None:
-            index["by_id.npy"] = np.argsort(np.asarray(self.row_ids, dtype=str), kind="stable").astype(np.int64)
+            index[BY_ID_FILE] = np.argsort(np.asarray(self.row_ids, dtype=str), kind="stable").astype(np.int64)
         for suffix, values in index.items():
             with atomic_path(self.path(suffix)) as tmp, open(tmp, "wb") as f:
                 np.save(f, values)
@@ -162,7 +164,7 @@ class Conversations:
         self.mask = _memmap(folder / f"{prefix}.mask.bin", np.dtype(np.uint8))
         self.offsets = np.load(folder / f"{prefix}.offsets.npy")              # (n + 1,)
         self.answer_start = np.load(folder / f"{prefix}.answer_start.npy")    # (n,)
-        by_id = folder / f"{prefix}.by_id.npy"
+        by_id = folder / f"{prefix}.{BY_ID_FILE}"
         self.by_id = np.load(by_id) if by_id.exists() else None
         self.index = np.arange(len(self.answer_start))   # which stored examples this view holds
         self.max_len: int | None = None

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zhlm.io import write_parquet
+from zhlm.io import as_paths, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,7 @@ def iter_parquet_texts(
     batch_size: int = 4096,
 ) -> Iterator[str]:
     """Yield the non-empty strings of those `columns` each parquet file has, one batch in memory at a time."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    for path in paths:
+    for path in as_paths(paths):
         pf = pq.ParquetFile(path)
         present = [c for c in columns if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(batch_size=batch_size, columns=present):
