@@ -237,6 +237,15 @@ class LlamaForCausalLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
+    @torch.no_grad()
+    def zero_init_out_proj(self):
+        """Zero the projections that write into the residual stream (o_proj, down_proj): each
+        layer then starts as the identity and the stream carries the embeddings unchanged
+        (nanochat's init); their gradients are not zero, so they learn from the first step."""
+        for layer in self.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
     def forward(self, input_ids, *, positions=None, mask=None, cache: KVCache | None = None,
                 last_only: bool = False):
         """Logits for `input_ids` (B, T).

@@ -64,24 +64,35 @@ class TrainConfig:
     eval_windows: int = 32          # pretrain: validation windows per evaluation
     eval_examples: int = 256        # sft: held-out conversations per evaluation
     beta: float = 0.1               # dpo: strength of the KL constraint
+    optimizer: str = "adamw"        # adamw | muon (Muon for the hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02           # muon: the hidden matrices' learning rate
+    zero_init_out_proj: bool = False  # pretrain: o_proj and down_proj start at zero
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"unknown schedule {self.schedule!r}: cosine or wsd")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: adamw or muon")
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The schedule, as a factor of each parameter group's peak learning rate: a linear warmup,
+    then cosine down to min_lr_ratio, or constant then a linear decay to it (wsd)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = cfg.steps - int(cfg.steps * cfg.decay_fraction)
+    if step < decay_start:
+        return 1.0
+    return 1 - (1 - floor) * (step - decay_start + 1) / max(1, cfg.steps - decay_start)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine to min_lr, or constant then a linear decay (wsd)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = cfg.steps - int(cfg.steps * cfg.decay_fraction)
-    if step < decay_start:
-        return cfg.lr
-    return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / max(1, cfg.steps - decay_start)
+    """The AdamW learning rate at `step` (the one the log shows)."""
+    return cfg.lr * lr_factor(cfg, step)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -115,13 +126,55 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, t
     return best
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+class Optimizers:
+    """Several optimizers stepped as one: Muon for the hidden matrices, AdamW for the rest."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for o in self.optimizers for group in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict):
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizers:
+    """AdamW for everything (weight decay on matrices only), or with `optimizer: muon` Muon for the
+    decoder layers' matrices (nanochat's split: Muon orthogonalises each matrix's update, which
+    suits the hidden matrices; the embeddings, the head and the norms stay on AdamW).
+
+    Each group keeps its peak learning rate as "initial_lr"; the loop scales it by the schedule.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{n}"]
+    rest = [(n, p) for n, p in named if not any(p is h for h in hidden)]
+    decay = [p for n, p in rest if p.dim() >= 2]
+    no_decay = [p for n, p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over each parameter) is 3x faster than the per-tensor loop on a CPU too.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type in ("cuda", "cpu"))
+    optimizers = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                    fused=device.type in ("cuda", "cpu"))]
+    if hidden:
+        # Muon's update has a fixed scale per matrix, so no weight decay (as in nanochat).
+        optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=0.0))
+    for o in optimizers:
+        for group in o.param_groups:
+            group["initial_lr"] = group["lr"]
+    return Optimizers(*optimizers)
 
 
 def start(settings: dict, inputs: list, extra: dict | None = None) -> tuple[TrainConfig, torch.device, str]:
@@ -178,7 +231,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict]
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, model, optimizer, fingerprint: str) -> tuple[int, list[dict]]:
+def load_checkpoint(path: Path, model, optimizer: Optimizers, fingerprint: str) -> tuple[int, list[dict]]:
     """Restore model, optimizer and RNG states; (0, []) if the checkpoint is another run's."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("fingerprint") != fingerprint:
@@ -248,9 +301,9 @@ def optimizer_step(model, wrapped, optimizer, data: BatchSource, compute_loss: L
     batch = data.global_batch(step)
     mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}  # (per_rank, ...)
     total = distributed.all_sum(float(data.count(mine)), device)  # loss units in the global batch
-    lr = learning_rate(cfg, step)
+    lr, factor = learning_rate(cfg, step), lr_factor(cfg, step)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["initial_lr"] * factor
     loss_sum, metrics = 0.0, {}
     model.train()
     micro_steps = per_rank // cfg.micro_batch

@@ -35,6 +35,8 @@ def run(tokens_dir, tokenizer_dir, out_dir, ckpt_dir, *, model_settings: dict, s
                          bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
     check_context(config, cfg.seq_len)
     model = LlamaForCausalLM(config).to(device)
+    if cfg.zero_init_out_proj:
+        model.zero_init_out_proj()
     # Validation bits per character: the val set's characters per token converts nats per token.
     chars_per_token = meta["val"].get("characters", 0) / max(1, meta["val"]["tokens"])
 
