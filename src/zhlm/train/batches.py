@@ -81,3 +81,37 @@ class Examples:
 
     def global_batch(self, step: int) -> Batch:
         return self.collate([self.items[i] for i in self.indices(step)])
+
+
+class TextWindows:
+    """`count` windows of `length` tokens from a token file, as (ids, labels) items with every
+    token labelled: pretraining text that SFT mixes in among its conversations. Window i's start
+    depends only on (seed, i)."""
+
+    def __init__(self, tokens: np.ndarray, length: int, count: int, seed: int):
+        if tokens.size < length + 1:
+            raise ValueError(f"{tokens.size} tokens are too few for windows of {length}")
+        self.tokens, self.length = tokens, length
+        self.starts = np.random.default_rng([seed, length]).integers(0, tokens.size - length, size=count)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(self.tokens[self.starts[i]:self.starts[i] + self.length], dtype=np.int64)
+        return ids, ids
+
+
+class Concatenated:
+    """Several sequences of items as one: item i of the first, then of the next, and so on."""
+
+    def __init__(self, *parts: Sequence):
+        self.parts = parts
+        self.ends = np.cumsum([len(part) for part in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[k][i - (int(self.ends[k - 1]) if k else 0)]

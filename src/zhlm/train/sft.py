@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from zhlm.io import read_json
 from zhlm.lm import IGNORE, check_context, count_labels, lm_loss, pad_batch, token_nll
 from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import chat_stop_ids
 from zhlm.tokenizer.conversations import NO_ANSWER, Conversations, check_tokenizer, token_folder_files
 from zhlm.train import distributed
-from zhlm.train.batches import Examples
+from zhlm.train.batches import Concatenated, Examples, TextWindows
 from zhlm.train.loop import finish, start, train
 
 log = logging.getLogger("zhlm.sft")
@@ -52,17 +53,36 @@ def examples_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
     return total / max(1, count)
 
 
-def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, progress: bool = True
-        ) -> list[dict]:
+def with_pretrain_text(examples, pretrain_tokens_dir, share: float, seed: int):
+    """The conversations followed by windows of pretraining text (every token labelled), so that
+    `share` of the items are text; each window is as long as the average conversation, so mixing
+    in text does not lengthen the padded batches."""
+    meta = read_json(Path(pretrain_tokens_dir) / "meta.json")["train"]
+    tokens = np.memmap(Path(pretrain_tokens_dir) / "train.bin", dtype=meta["dtype"], mode="r")
+    count = round(len(examples) * share / (1 - share))
+    windows = TextWindows(tokens, int(np.mean(examples.lengths())), count, seed)
+    log.info("mixing in %d windows of %d pretraining tokens (%.0f%% of the examples)", count, windows.length,
+             100 * share)
+    return Concatenated(examples, windows)
+
+
+def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, pretrain_tokens_dir=None,
+        progress: bool = True) -> list[dict]:
     """Fine-tune the model in init_dir on ChatML conversations; write a HF model folder to out_dir.
 
     tokens_dir: the SFT splits' token files (zhlm.tokenizer.conversations.tokenize_sft).
-    settings: TrainConfig fields (seq_len: longest example, in tokens; eval_examples).
+    settings: TrainConfig fields (seq_len: longest example, in tokens; eval_examples; pretrain_mix,
+    which needs pretrain_tokens_dir, the pretraining token files).
     """
     init_dir, tokens_dir = Path(init_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
+    mixed = []
+    if settings.get("pretrain_mix"):
+        if pretrain_tokens_dir is None:
+            raise ValueError("sft.pretrain_mix needs the pretraining token files")
+        mixed = [Path(pretrain_tokens_dir) / name for name in ("train.bin", "meta.json")]
     cfg, device, fingerprint = start(settings, [init_dir / "model.safetensors", tokenizer_file,
-                                                *token_folder_files(tokens_dir)])
+                                                *token_folder_files(tokens_dir), *mixed])
     model = load_model(init_dir, device)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     meta = check_tokenizer(tokens_dir, tokenizer_file)
@@ -74,6 +94,8 @@ def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dic
              "left out when tokenising)", len(examples), skipped, max_len, meta["train"]["skipped"][NO_ANSWER])
     pad = model.config.pad_token_id
     mean_len = float(np.mean(examples.lengths() - 1))
+    if cfg.pretrain_mix:
+        examples = with_pretrain_text(examples, pretrain_tokens_dir, cfg.pretrain_mix, cfg.seed)
     data = Examples(examples, cfg.global_batch, cfg.seed, lambda b: pad_batch(b, pad), count_conversations)
     history = train(model, data, sft_loss, cfg, out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint,
                     evaluate=lambda m: {"val_loss": examples_loss(m, val_examples, pad)},
