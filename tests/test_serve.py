@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from zhlm import serve
-from zhlm.generate import Sampling, generate
+from zhlm.generate import MIN_TEMPERATURE, Sampling, generate
 from zhlm.inference import TextStream, load
 from zhlm.serve import MAX_BODY, Job, create_app
 from zhlm.tokenizer.chat import encode_prompt
@@ -369,7 +369,7 @@ def test_malformed_requests_get_4xx_never_5xx_and_the_server_keeps_serving(http,
 
 def test_a_temperature_too_small_to_divide_by_decodes_greedily(client, lm):
     text, _, _ = lone_answer(lm, ask("屏幕有点暗"), 8)
-    for temperature in (1e-300, 1e-9, serve.MIN_TEMPERATURE / 2):
+    for temperature in (1e-300, 1e-9, MIN_TEMPERATURE / 2):
         r = client.chat.completions.create(model="tiny", messages=ask("屏幕有点暗"), max_tokens=8,
                                            temperature=temperature, seed=1)
         assert r.choices[0].message.content == text

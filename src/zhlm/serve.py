@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zhlm.generate import Sampling, stream
+from zhlm.generate import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY, Sampling, stream
 from zhlm.inference import LoadedModel, TextStream, load
 from zhlm.tokenizer.chat import ROLES, encode_prompt
 
@@ -235,9 +235,6 @@ MAX_PARTS = 64  # content parts of one message
 MAX_CONTENT = 32_768  # characters of one message, far beyond any zhlm model's context
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 128  # each stop string is matched against the answer's tail at every token
-MIN_TEMPERATURE = 1e-3  # a lower temperature decodes greedily: logits / temperature would overflow
-MIN_REPETITION_PENALTY = 0.01  # a lower one overflows the logits it divides, as above
-MAX_REPETITION_PENALTY = 10
 
 
 @dataclass
@@ -350,9 +347,8 @@ def parse_request(body, lm: LoadedModel) -> ChatRequest:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, None, 1, lm.context, integer=True)
     d = lm.defaults
-    temperature = _number(body, "temperature", d.temperature, 0, 2)
     sampling = Sampling(
-        temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,  # greedy, the limit as it goes to 0
+        temperature=_number(body, "temperature", d.temperature, 0, MAX_TEMPERATURE),
         top_p=_number(body, "top_p", d.top_p, 0, 1, lo_open=True),
         repetition_penalty=_number(body, "repetition_penalty", d.repetition_penalty, MIN_REPETITION_PENALTY,
                                    MAX_REPETITION_PENALTY),
