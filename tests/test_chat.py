@@ -7,9 +7,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 from zhlm.chat import ChatSession
-from zhlm.generate import Sampling, generate
+from zhlm.generate import Sampling, generate, next_tokens
 from zhlm.inference import TextStream, load
 from zhlm.tokenizer.chat import encode_prompt
 
@@ -137,3 +138,16 @@ def test_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "zhlm.cli", "chat", str(tmp_path)], capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, timeout=60)
     assert run.returncode == 2 and "config.json" in run.stderr
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("nan")), ("temperature", -1.0),
+                                          ("top_p", 0.0), ("top_p", float("inf")),
+                                          ("repetition_penalty", 0.0), ("max_new_tokens", 0)])
+def test_sampling_refuses_values_that_would_break_decoding(field, value):
+    with pytest.raises(ValueError, match=field):
+        Sampling(**{field: value})
+
+
+def test_a_tiny_temperature_decodes_greedily():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    assert next_tokens(logits, Sampling(temperature=1e-300), None).tolist() == [1, 0]

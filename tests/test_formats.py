@@ -56,7 +56,8 @@ def test_round_trip(fmt, tmp_path):
     ids = ["poems:0", "poems:1", "poems:2"] if fmt == "txt" else ["a", "b", "c"]
     assert rows.column("id").to_pylist() == ids
     assert stats == {"source": "poems", "kind": "pretrain", "rows_in": 3, "rows_kept": 3,
-                     "rows_rejected": 0, "reasons": {}, "records_beyond_limit": 0}
+                     "rows_rejected": 0, "reasons": {}, "records_beyond_limit": 0,
+                     "blank_lines_skipped": 0}
 
 
 def test_gzip(tmp_path):
@@ -71,26 +72,26 @@ def test_jsonl_rejects(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(
         '{"text": "好的"}\n'.encode()        # 0 kept
-        + b"\n   \n"                          # blank: not records
-        + b'{"text": "broken\n'               # 1 bad json
-        + b'{"text": "\xff\xfe bad"}\n'       # 2 invalid utf-8
-        + b"[1, 2]\n"                          # 3 not an object
-        + b'{"other": "x"}\n'                 # 4 missing field
-        + b'{"text": "  \\n "}\n'     # 5 empty field
-        + '{"text": "最后一行"}'.encode()      # 6 kept, no final newline
+        + b"\n   \n"                          # 1, 2 blank: not records, but lines
+        + b'{"text": "broken\n'               # 3 bad json
+        + b'{"text": "\xff\xfe bad"}\n'       # 4 invalid utf-8
+        + b"[1, 2]\n"                          # 5 not an object
+        + b'{"other": "x"}\n'                 # 6 missing field
+        + b'{"text": "  \\n "}\n'     # 7 empty field
+        + '{"text": "最后一行"}'.encode()      # 8 kept, no final newline
     )
     rows, rejects, stats = parse_source(path, "jsonl", source="s", kind="pretrain")
     check_counts(stats, rows, rejects)
-    assert stats["rows_in"] == 7
+    assert stats["rows_in"] == 7 and stats["blank_lines_skipped"] == 2
     assert rows.column("text").to_pylist() == ["好的", "最后一行"]
-    assert rows.column("id").to_pylist() == ["s:0", "s:6"]
+    assert rows.column("id").to_pylist() == ["s:0", "s:8"]
     got = {r["index"]: r for r in rejects.to_pylist()}
     assert {i: r["reason"] for i, r in got.items()} == {
-        1: "bad json", 2: "invalid utf-8", 3: "not an object",
-        4: "missing field 'text'", 5: "empty field 'text'"}
-    assert got[1]["content"] == '{"text": "broken'
-    assert got[2]["content"].endswith("bad\"}") and "\ufffd" in got[2]["content"]
-    assert json.loads(got[4]["content"]) == {"other": "x"}
+        3: "bad json", 4: "invalid utf-8", 5: "not an object",
+        6: "missing field 'text'", 7: "empty field 'text'"}
+    assert got[3]["content"] == '{"text": "broken'
+    assert got[4]["content"].endswith("bad\"}") and "\ufffd" in got[4]["content"]
+    assert json.loads(got[6]["content"]) == {"other": "x"}
     assert all(r["source"] == "s" for r in got.values())
     assert stats["reasons"] == {"bad json": 1, "invalid utf-8": 1, "not an object": 1,
                                 "missing field 'text'": 1, "empty field 'text'": 1}
@@ -136,20 +137,22 @@ def test_csv_rejects(tmp_path):
     )
     rows, rejects, stats = parse_source(path, "csv", source="s", kind="pretrain")
     check_counts(stats, rows, rejects)
-    assert stats["rows_in"] == 5
+    assert stats["rows_in"] == 5 and stats["blank_lines_skipped"] == 1
     assert rows.column("text").to_pylist() == ["你好", "多行\n文本, 带逗号"]
     assert rows.column("id").to_pylist() == ["1", "5"]
+    # A csv's index is its record number: the header and the blank line are no records.
     assert dict(zip(rejects.column("index").to_pylist(), rejects.column("reason").to_pylist())) == {
         1: "bad csv row", 2: "invalid utf-8", 3: "empty field 'text'"}
 
 
 def test_txt_rejects(tmp_path):
     path = tmp_path / "a.txt"
-    path.write_bytes("第一行\r\n\n".encode() + b"\xff bad\n" + "第三行".encode())
+    path.write_bytes("第一行\r\n\n".encode() + b"\xff bad\n" + "第四行".encode())
     recs = list(read_records(path, "txt"))
-    assert recs[0] == Record(0, {"text": "第一行"}, None, None)
-    assert recs[1].error == "invalid utf-8" and recs[1].index == 1 and recs[1].data is None
-    assert recs[2].data == {"text": "第三行"} and recs[2].index == 2
+    assert recs[0] == Record(0, 0, {"text": "第一行"})
+    assert recs[1] == Record(1, 1, None, blank=True)  # a line, not a record
+    assert recs[2].error == "invalid utf-8" and (recs[2].index, recs[2].number) == (2, 1) and recs[2].data is None
+    assert recs[3] == Record(3, 2, {"text": "第四行"})
 
 
 def test_parquet_non_string_values(tmp_path):
@@ -212,13 +215,56 @@ def test_dpo_and_unknown_template(tmp_path):
 
 
 def test_limit(tmp_path):
+    # `limit` counts records: blank lines are not records, and are counted wherever they are.
     path = tmp_path / "l.jsonl"
-    path.write_text("".join(json.dumps({"text": f"第{i}行"}) + "\n" for i in range(10))
+    path.write_text("\n" + "".join(json.dumps({"text": f"第{i}行"}) + "\n \n" for i in range(10))
                     + "not json\n", encoding="utf-8")
     rows, rejects, stats = parse_source(path, "jsonl", source="s", kind="pretrain", limit=4)
     check_counts(stats, rows, rejects)
-    assert rows.num_rows == 4 and stats["rows_in"] == 4
-    assert stats["records_beyond_limit"] == 7
+    assert rows.column("text").to_pylist() == [f"第{i}行" for i in range(4)]
+    assert rows.column("id").to_pylist() == ["s:1", "s:3", "s:5", "s:7"]  # their lines
+    assert stats["rows_in"] == 4 and stats["records_beyond_limit"] == 7 and stats["blank_lines_skipped"] == 11
+
+
+BLANK = [b"", b"   ", b"\t \x0b", b"\r"]  # a line of nothing but whitespace is blank; b"\r": a CRLF blank line
+
+
+def blank_lines_source(path, fmt: str) -> list[bytes]:
+    """Write a source whose lines include blank ones at the start, in the middle (several in a
+    row), and at the end, with LF and CRLF endings and a BOM; return its physical lines."""
+    records = [{"text": "春眠不觉晓"}, {"id": "own", "text": "处处闻啼鸟"}, {"text": "坏"},
+               {"text": "夜来风雨声"}, {"text": "花落知多少"}]
+    if fmt == "txt":
+        lines = [r["text"].encode() for r in records]
+        lines[2] = b"\xff bad"
+    else:
+        lines = [json.dumps(r, ensure_ascii=False).encode() for r in records]
+        lines[2] = b'{"text": "broken'
+    physical = [b"", *BLANK, lines[0], lines[1], b"", lines[2], *BLANK, b"", lines[3], b"  ", lines[4], *BLANK]
+    data = b"\xef\xbb\xbf" + b"".join(line + (b"\r\n" if k % 2 else b"\n") for k, line in enumerate(physical))
+    path.write_bytes(gzip.compress(data) if str(path).endswith(".gz") else data)
+    return physical
+
+
+@pytest.mark.parametrize("name", ["s.jsonl", "s.jsonl.gz", "s.txt"])
+def test_blank_lines_are_counted_and_lines_keep_their_numbers(name, tmp_path):
+    fmt = name.split(".")[1]
+    physical = blank_lines_source(tmp_path / name, fmt)
+    rows, rejects, stats = parse_source(tmp_path / name, fmt, source="s", kind="pretrain")
+    check_counts(stats, rows, rejects)
+    blank = [k for k, line in enumerate(physical) if not line.strip()]
+    assert stats["blank_lines_skipped"] == len(blank) == 16
+    assert stats["rows_in"] + stats["blank_lines_skipped"] == len(physical)  # every line counted once
+    # A reject names the line of the bad record (0-based: index i is line i + 1).
+    (reject,) = rejects.to_pylist()
+    assert physical[reject["index"]] == (b"\xff bad" if fmt == "txt" else b'{"text": "broken')
+    # A default id is SOURCE:LINE, the line that holds the record.
+    ids = rows.column("id").to_pylist()
+    for row in rows.to_pylist():
+        if row["id"] != "own":
+            line = physical[int(row["id"].removeprefix("s:"))].decode()
+            assert (line if fmt == "txt" else json.loads(line)["text"]) == row["text"]
+    assert ids == ["s:5", "s:6" if fmt == "txt" else "own", "s:14", "s:16"]
 
 
 def test_unknown_format_and_kind(tmp_path):

@@ -38,10 +38,20 @@ def jsonl_bytes() -> bytes:
     lines[7] = b'{"text": "broken'                 # bad json
     lines[12] = b'{"text": "\xff\xfe bad"}'        # invalid utf-8
     lines[20] = b"[1, 2]"                          # not an object
-    body = b""
+    out = [b"", b" \t"]                            # blank lines first, the first after the BOM
     for i, line in enumerate(lines):
-        body += line + (b"\r\n" if i % 3 else b"\n") + (b"\n  \n" if i % 9 == 0 else b"")  # blank lines
-    return b"\xef\xbb\xbf" + body.rstrip(b"\n")     # a BOM, no final newline
+        out.append(line)
+        out += [b"", b"  "] if i % 9 == 0 else []  # blank and whitespace-only lines
+        out += [b""] * 5 if i == 30 else []        # several in a row
+    out += [b"", b" "]                             # and last
+    body = b"".join(line + (b"\r\n" if k % 3 else b"\n") for k, line in enumerate(out))
+    return b"\xef\xbb\xbf" + body.removesuffix(b"\n").removesuffix(b"\r")  # a BOM, no final newline
+
+
+def physical_lines(data: bytes) -> list[bytes]:
+    """The lines of a jsonl or txt file as an editor numbers them, line endings stripped."""
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    return [line.removesuffix(b"\r") for line in (lines[:-1] if lines[-1] == b"" else lines)]
 
 
 def write_source(tmp_path, fmt: str):
@@ -52,9 +62,9 @@ def write_source(tmp_path, fmt: str):
         path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
     elif fmt == "txt":
         path = tmp_path / "s.txt"
-        lines = [r.get("text", "").encode() for r in records]
+        lines = [r.get("text", "").encode() for r in records]  # a record without text: a blank line
         lines[12] = b"\xff bad"
-        path.write_bytes(b"\n\n".join(lines[:30]) + b"\r\n" + b"\n".join(lines[30:]))
+        path.write_bytes(b"\n \r\n" + b"\n\n".join(lines[:30]) + b"\r\n" + b"\n".join(lines[30:]) + b"\n\n\t")
     elif fmt == "json":
         path = tmp_path / "s.json"
         items = [*records[:20], "not a dict", *records[20:], [1, 2], 3.5]
@@ -70,12 +80,39 @@ def write_source(tmp_path, fmt: str):
         w.writerow(["id", "text"])
         for i, r in enumerate(records):
             w.writerow([r.get("id", ""), r.get("text", "") + ("\n换行" if i % 6 == 0 else "")])  # quoted newlines
+            if i in (0, 30):
+                buf.write("\r\n  \r\n")  # blank lines: 4 in all
         data = buf.getvalue().encode()
         path.write_bytes(data.replace("第9行".encode(), b"\xff9", 1) + b"1,too,many\n")
     return path, fmt.removesuffix(".gz")
 
 
 FORMATS = ["jsonl", "jsonl.gz", "txt", "json", "parquet", "csv"]
+
+
+def source_lines(path) -> list[bytes]:
+    data = path.read_bytes()
+    return physical_lines(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
+def check_blank_lines(path, fmt, rows, rejects, stats):
+    """Blank lines are counted, and in jsonl and txt every line is counted once and a record's
+    index (its default id, a reject's index) is its line."""
+    if fmt in ("json", "parquet"):
+        assert stats["blank_lines_skipped"] == 0
+        return
+    if fmt == "csv":
+        assert stats["blank_lines_skipped"] == 4
+        return
+    lines = source_lines(path)
+    assert stats["blank_lines_skipped"] == sum(1 for line in lines if not line.strip()) > 10
+    assert stats["rows_in"] + stats["records_beyond_limit"] + stats["blank_lines_skipped"] == len(lines)
+    for i in rejects.column("index").to_pylist():
+        assert lines[i].strip()
+    for row in rows.to_pylist():
+        if row["id"].startswith("s:"):
+            line = lines[int(row["id"].removeprefix("s:"))].decode()
+            assert (line if fmt == "txt" else json.loads(line)["text"]) == row["text"]
 
 
 @pytest.mark.parametrize("limit", [None, 25])
@@ -86,6 +123,7 @@ def test_shards_concatenate_to_the_one_shard_parse(fmt, limit, tmp_path):
     assert whole_rows.num_rows > 10
     if fmt != "parquet":  # every other test source has malformed records
         assert whole_rejects.num_rows >= (1 if fmt == "txt" else 3)
+    check_blank_lines(path, fmt, whole_rows, whole_rejects, whole_stats)
     for n_shards in SHARDS:
         parts = [parse_source(path, fmt, source="s", kind="pretrain", limit=limit, shard=k, n_shards=n_shards)
                  for k in range(n_shards)]
@@ -97,11 +135,15 @@ def test_shards_concatenate_to_the_one_shard_parse(fmt, limit, tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_record_indexes_count_in_the_whole_file(fmt, tmp_path):
     path, fmt = write_source(tmp_path, fmt)
-    whole = [(r.index, r.data, r.error, r.raw) for r in read_records(path, fmt)]
-    assert [i for i, *_ in whole] == list(range(len(whole)))
+    whole = list(read_records(path, fmt))
+    numbers = [r.number for r in whole if not r.blank]
+    assert numbers == list(range(len(numbers)))  # records are numbered in order, blank lines are not records
+    if fmt in ("jsonl", "txt"):  # one item a line, indexed by its line
+        assert [r.index for r in whole] == list(range(len(source_lines(path))))
+    else:  # indexed by record number
+        assert all(r.index == r.number for r in whole)
     for n_shards in (4, 9):
-        shards = [[(r.index, r.data, r.error, r.raw) for r in read_records(path, fmt, shard=k, n_shards=n_shards)]
-                  for k in range(n_shards)]
+        shards = [list(read_records(path, fmt, shard=k, n_shards=n_shards)) for k in range(n_shards)]
         assert [r for part in shards for r in part] == whole
         if fmt in ("jsonl", "txt") and not str(path).endswith(".gz"):  # byte ranges: each shard has lines
             assert all(shards)

@@ -1,8 +1,11 @@
 """`zhlm serve` over loopback: the official openai client, streaming, stop strings, usage,
 the API key, bad requests, and 32 concurrent requests that each get their lone answer."""
 import asyncio
+import collections
 import concurrent.futures
 import json
+import random
+import socket
 import threading
 import time
 
@@ -11,7 +14,8 @@ import openai
 import pytest
 import uvicorn
 
-from zhlm.generate import Sampling, generate
+from zhlm import serve
+from zhlm.generate import MIN_TEMPERATURE, Sampling, generate
 from zhlm.inference import TextStream, load
 from zhlm.serve import MAX_BODY, Job, create_app
 from zhlm.tokenizer.chat import encode_prompt
@@ -202,6 +206,202 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, clien
 
     ok = client.chat.completions.create(model="tiny", messages=ask("你好"), max_tokens=4)
     assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+# --- fuzz: hundreds of malformed requests, none of which may get a 5xx ---------------------
+
+NAN, INF = float("nan"), float("inf")
+WRONG = [None, True, False, 0, -1, 1.5, 1e-300, 10 ** 30, -10 ** 30, "x", "", [], ["x"], {}, {"a": 1},
+         NAN, INF, -INF, "\ud800"]
+FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "repetition_penalty",
+          "seed", "n", "stop", "stream", "stream_options", "user"]
+NUMBERS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "repetition_penalty", "seed", "n"]
+LONE_SURROGATES = ["\ud800", "\udfff", "a\udc00b", "好\ud83d"]
+TEXT_PLACES = [  # where a text goes in a request, and the param that names it
+    ("messages.[0].content", lambda s: {"messages": ask(s)}),
+    ("messages.[0].content", lambda s: {"messages": [{"role": "user", "content": [{"type": "text", "text": s}]}]}),
+    ("messages.[0].role", lambda s: {"messages": [{"role": s, "content": "你好"}]}),
+    ("stop", lambda s: {"stop": s}),
+    ("stop", lambda s: {"stop": ["x", s]}),
+]
+MARK = "@@"  # stands in the JSON for raw text that json.dumps cannot write
+
+
+def request(body: dict) -> dict:
+    """A valid request with `body`'s fields over it: one short answer."""
+    return {"model": "tiny", "messages": ask("你好"), "max_tokens": 1, **body}
+
+
+def encoded(body, *, raw_surrogates=False, mark: bytes = b"") -> bytes:
+    """JSON bytes of `body`: NaN and Infinity as JavaScript's literals, lone surrogates as
+    "\\ud800" escapes or (raw_surrogates) as the bytes UTF-8 forbids, and MARK replaced by `mark`."""
+    if raw_surrogates:
+        text = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    else:
+        text = json.dumps(body).encode()
+    return text.replace(json.dumps(MARK).encode(), mark)
+
+
+def nested(depth: int, kind: str = "[") -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth if kind == "{" else b"[" * depth + b"]" * depth
+
+
+def malformed_requests(seed: int = 11):
+    """(what, body bytes, headers, expected (status, param)): None expects any status below 500,
+    a param of ... any param."""
+    rng = random.Random(seed)
+    cases = []
+
+    def add(what, body, expect=None, headers=None):
+        cases.append((what, body, headers or {"Content-Type": "application/json"}, expect))
+
+    # A wrong value in every field, in every message field, in every content part.
+    for field in FIELDS:
+        for value in WRONG:
+            add(f"{field}={value!r}", encoded(request({field: value})))
+    for key in ("role", "content"):
+        for value in WRONG:
+            message = {"role": "user", "content": "你好", key: value}
+            add(f"message {key}={value!r}", encoded(request({"messages": [message]})))
+    for value in WRONG:
+        add(f"message={value!r}", encoded(request({"messages": [value]})))
+        add(f"part={value!r}", encoded(request({"messages": [{"role": "user", "content": [value]}]})))
+        add(f"part text={value!r}", encoded(request({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": value}]}]})))
+        add(f"stream_options.include_usage={value!r}", encoded(request({"stream_options": {"include_usage": value}})))
+    # Numbers JSON cannot hold, as the literals Python's json writes and reads.
+    for field in NUMBERS:
+        for value in (NAN, INF, -INF):
+            add(f"{field}={value}", encoded(request({field: value})), (400, field))
+        add(f"{field}=1e999", encoded(request({field: MARK}), mark=b"1e999"), (400, field))
+    # Lone surrogates, as JSON escapes (named by their param) and as raw bytes (not UTF-8).
+    for param, place in TEXT_PLACES:
+        for s in LONE_SURROGATES:
+            add(f"{param} has {s!r}", encoded(request(place(s))), (400, param))
+            add(f"{param} has {s!r} raw", encoded(request(place(s)), raw_surrogates=True), (400, None))
+    for bad in (b"\xff", b"\x80", b"\xc0\xaf", b"\xe4\xb8", b"\xf4\x90\x80\x80", b"\xed\xbf\xbf"):
+        add(f"content bytes {bad!r}", encoded(request({"messages": ask(MARK)}), mark=b'"' + bad + b'"'), (400, None))
+    # Deep nesting anywhere, and brackets in strings, which are no nesting.
+    for where in ("body", "messages", "message", "content", "stop", "user", "stream_options", "temperature"):
+        for depth, kind in ((100_000, "["), (100_000, "{"), (serve.MAX_DEPTH + 1, "[")):
+            deep = nested(depth, kind)
+            body = deep if where == "body" else encoded(request(
+                {"messages": [MARK]} if where == "message" else {"messages": ask(MARK)} if where == "content"
+                else {where: MARK}), mark=deep)
+            add(f"{kind} {depth} deep in {where}", body, (400, None))
+    add("unclosed 100000 deep", b'{"messages": ' + b"[" * 100_000, (400, None))
+    deepest = nested(serve.MAX_DEPTH - 1)  # in the body's object
+    add(f"{serve.MAX_DEPTH} deep in an ignored key", encoded(request({"user": MARK}), mark=deepest), (200, None))
+    brackets = {"user": '"[{' * 50_000, "stop": "]" * serve.MAX_STOP_CHARS}
+    add("brackets in strings", encoded(request(brackets)), (200, None))
+    # Sizes.
+    for what, body, param in [
+        ("long content", {"messages": ask("a" * (serve.MAX_CONTENT + 1))}, "messages.[0].content"),
+        ("many parts", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] *
+                                      (serve.MAX_PARTS + 1)}]}, "messages.[0].content"),
+        ("many messages", {"messages": ask("a") * (serve.MAX_MESSAGES + 1)}, "messages"),
+        ("many stops", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ("long stop", {"stop": "a" * (serve.MAX_STOP_CHARS + 1)}, "stop"),
+        ("huge max_tokens", {"max_tokens": 1 << 62}, "max_tokens"),
+        ("huge seed", {"seed": 1 << 64}, "seed"),
+        ("huge n", {"n": 10 ** 100}, "n"),
+        ("empty messages", {"messages": []}, "messages"),
+    ]:
+        add(what, encoded(request(body)), (400, param))
+    add("4400-digit number", encoded(request({"seed": MARK}), mark=b"9" * 4400), (400, None))
+    add("long ignored array", encoded(request({"user": [1] * 200_000})), (200, None))
+    add("over MAX_BODY", encoded(request({"user": "a" * MAX_BODY})), (413, None))
+    # Not JSON, or not an object.
+    for body in (b"", b" ", b"null", b"true", b"1", b'"x"', b"[]", b"{}", b"NaN", b"messages=hi", b"<x/>",
+                 b'{"messages": [}', b"\xef\xbb\xbf", b"\x00" * 8, "好".encode("utf-16")):
+        add(f"body {body[:20]!r}", body, (400, ...))  # any param: b"{}" lacks messages
+    for i in range(20):
+        add(f"random bytes {i}", rng.randbytes(rng.randrange(1, 200)))
+    # A valid body cut short, and mutated byte by byte.
+    valid = encoded(request({"messages": [{"role": "system", "content": "你是助手。"}, *ask("价格便宜")],
+                             "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": ["。"], "stream": False}))
+    for cut in sorted(rng.sample(range(len(valid)), 40)):
+        add(f"cut at {cut}", valid[:cut], (400, None))
+    for i in range(200):
+        body = bytearray(valid)
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(len(body))
+            new = bytes([rng.choice(b'{}[]",:\\0-eE.9aNIu \xff\xed')])
+            op = rng.randrange(3)
+            body[at:at + (op != 1)] = b"" if op == 0 else new
+        add(f"mutation {i}", bytes(body))
+    # Content types that do not say JSON: the body is read as JSON all the same.
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                 "application/json; charset=utf-16", "application/octet-stream"):
+        add(f"JSON as {kind}", encoded(request({})), (200, None), {"Content-Type": kind})
+        add(f"form as {kind}", b"model=tiny&messages=hi", (400, None), {"Content-Type": kind})
+    add("no content type", encoded(request({})), (200, None), {})
+    return cases
+
+
+def test_malformed_requests_get_4xx_never_5xx_and_the_server_keeps_serving(http, client, lm):
+    cases = malformed_requests()
+    assert len(cases) > 500
+    statuses = collections.Counter()
+    for what, body, headers, expect in cases:
+        r = http.post("/v1/chat/completions", content=body, headers=headers)
+        statuses[r.status_code] += 1
+        assert r.status_code < 500, (what, r.text)
+        if r.status_code >= 400:
+            error = assert_openai_error(r, r.status_code)
+            assert len(error["message"]) < 300, (what, "an error echoes at most a little of the request")
+        if expect is not None:
+            status, param = expect
+            assert r.status_code == status, (what, r.text)
+            if status == 400 and param is not ...:
+                assert error["type"] == "invalid_request_error" and error["param"] == param, (what, error)
+    assert statuses[400] > 400 and statuses[200] > 20, statuses  # both sides of the line were tried
+    for method, path, status in [("PUT", "/v1/chat/completions", 405), ("GET", "/v1/chat/completions", 405),
+                                 ("DELETE", "/v1/models", 405), ("GET", "/v1/models/%ED%A0%80", 404),
+                                 ("GET", "/v1/models/%FF", 404), ("GET", "/v1/%00", 404)]:
+        assert_openai_error(http.request(method, path), status)
+
+    assert http.get("/health").json()["status"] == "ok"
+    text, _, _ = lone_answer(lm, ask("你好"), 6)
+    assert client.chat.completions.create(model="tiny", messages=ask("你好"), max_tokens=6).choices[0].message.content \
+        == text
+
+
+def test_a_temperature_too_small_to_divide_by_decodes_greedily(client, lm):
+    text, _, _ = lone_answer(lm, ask("屏幕有点暗"), 8)
+    for temperature in (1e-300, 1e-9, MIN_TEMPERATURE / 2):
+        r = client.chat.completions.create(model="tiny", messages=ask("屏幕有点暗"), max_tokens=8,
+                                           temperature=temperature, seed=1)
+        assert r.choices[0].message.content == text
+
+
+def status_with_authorization(base_url, value: bytes) -> int:
+    """GET /v1/models with this Authorization header, sent as written (httpx refuses some)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + value + b"\r\n\r\n")
+        return int(s.makefile("rb").readline().split()[1])
+
+
+# The scheme is case-insensitive and whitespace around the header's value is no part of it;
+# the key compares exactly.
+@pytest.mark.parametrize("value", [b"Bearer test-key", b"bearer test-key", b"BEARER test-key", b"Bearer test-key  ",
+                                   b"Bearer test-key\t", b"  Bearer test-key", b"Bearer  test-key"])
+def test_the_auth_scheme_is_case_insensitive_and_whitespace_around_the_header_is_stripped(base_url, value):
+    assert status_with_authorization(base_url, value) == 200
+
+
+@pytest.mark.parametrize("value", [b"Bearer TEST-KEY", b"Bearer test-key x", b"Bearer test-keyx", b"Bearer test",
+                                   b"Bearer test key", b"Basic test-key", b"Bearer", b"test-key", b"Bearer\ttest-key",
+                                   b"Bearer test-key\x01", b"Bearer test-key\xff"])
+def test_the_key_itself_must_match_exactly(base_url, value):
+    assert status_with_authorization(base_url, value) == 401
+
+
+@pytest.mark.parametrize("key", ["key ", " key", "my key", "ключ", "key\n"])
+def test_a_key_no_client_could_send_is_refused_at_start(tmp_path, key):
+    with pytest.raises(ValueError, match="visible ASCII"):
+        create_app(tmp_path, api_key=key)
 
 
 def test_a_client_leaving_mid_stream_does_not_disturb_the_next(http, client, lm):

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from zhlm.lm import IGNORE, pad_batch, sequence_logp
 from zhlm.tokenizer.chat import encode_chat
 from zhlm.train import launch
 from zhlm.train.dpo import dpo_losses, make_dpo_loss
-from zhlm.train.loop import TrainConfig, learning_rate
+from zhlm.train.loop import CHECKPOINTS, TrainConfig, learning_rate, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -149,17 +151,23 @@ def test_learning_rate_schedules():
     assert learning_rate(wsd, 99) == pytest.approx(0.0)
 
 
-def test_sigterm_checkpoints_and_the_rerun_resumes_from_it(corpus, tmp_path):
-    """SLURM preemption: SIGTERM before the kill; the job checkpoints, and a rerun continues."""
-    subprocess.run(pretrain_cmd(corpus, tmp_path / "straight"), check=True, capture_output=True)
-    out = tmp_path / "preempted"
-    proc = subprocess.Popen(pretrain_cmd(corpus, out), stderr=subprocess.PIPE, text=True)
+def run_until_then_terminate(cmd, path) -> str:
+    """Start `cmd`, send it SIGTERM once `path` exists, and return its stderr; it must stop on the signal."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (out / "_ckpt/last.pt").exists() and time.time() < deadline and proc.poll() is None:
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    return stderr
+
+
+def test_sigterm_checkpoints_and_the_rerun_resumes_from_it(corpus, tmp_path):
+    """SLURM preemption: SIGTERM before the kill; the job checkpoints, and a rerun continues."""
+    subprocess.run(pretrain_cmd(corpus, tmp_path / "straight"), check=True, capture_output=True)
+    out = tmp_path / "preempted"
+    stderr = run_until_then_terminate(pretrain_cmd(corpus, out), out / "_ckpt/last.pt")
     assert "stopped by signal 15" in stderr and not (out / "model.safetensors").exists()
     stopped_at = len((out / "train_log.csv").read_text().splitlines()) - 1
     assert 0 < stopped_at < 12
@@ -168,6 +176,72 @@ def test_sigterm_checkpoints_and_the_rerun_resumes_from_it(corpus, tmp_path):
     expected = weights(tmp_path / "straight")
     for name, tensor in weights(out).items():
         assert torch.equal(tensor, expected[name]), name
+
+
+# --- damaged checkpoints ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stopped_run(corpus, tmp_path_factory):
+    """The weights of an uninterrupted run, and the folder of the same run stopped by SIGTERM
+    after its second checkpoint: its _ckpt holds last.pt and prev.pt."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    subprocess.run(pretrain_cmd(corpus, root / "straight"), check=True, capture_output=True)
+    run_until_then_terminate(pretrain_cmd(corpus, root / "stopped"), root / "stopped/_ckpt/prev.pt")
+    return weights(root / "straight"), root / "stopped"
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def zero_4k_in_the_middle(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    assert any(data[middle:middle + 4096]), "zeroing must change the file"
+    data[middle:middle + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, resumes_from", [
+    ({"last.pt": truncate}, "prev.pt"),
+    ({"last.pt": zero_4k_in_the_middle}, "prev.pt"),
+    ({"last.pt": zero_4k_in_the_middle, "prev.pt": truncate}, None),
+], ids=["truncated", "zeroed", "both-damaged"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_still_gives_the_uninterrupted_weights(
+        corpus, stopped_run, tmp_path, damage, resumes_from):
+    expected, stopped = stopped_run
+    out = tmp_path / "out"
+    shutil.copytree(stopped, out)
+    ckpt = out / "_ckpt"
+    steps = {name: read_checkpoint(ckpt / name)["step"] for name in CHECKPOINTS}
+    assert steps["prev.pt"] < steps["last.pt"] < 12
+    for name, spoil in damage.items():
+        spoil(ckpt / name)
+    # What a run killed during its saves leaves: a rerun removes it.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = gone.pid
+    stale = [out / f".model.safetensors.tmp{dead}", ckpt / f".last.pt.tmp{dead}"]
+    for path in stale:
+        path.write_bytes(b"partial")
+
+    rerun = subprocess.run(pretrain_cmd(corpus, out), capture_output=True, text=True, check=True)
+    for name in damage:
+        path = re.escape(str(ckpt / name))
+        assert re.search(rf"WARNING corrupt checkpoint: {path}: (truncated|checksum mismatch).*; "
+                         rf"moved it to {path}\.corrupt-", rerun.stderr), rerun.stderr[-3000:]
+        assert len(list(ckpt.glob(f"{name}.corrupt-*"))) == 1
+    if resumes_from:
+        assert f"resumed from {ckpt / resumes_from} at step {steps[resumes_from]}" in rerun.stderr
+    else:
+        assert "no usable checkpoint" in rerun.stderr and "starting from scratch" in rerun.stderr
+        assert "resumed from" not in rerun.stderr
+    for name, tensor in weights(out).items():
+        assert torch.equal(tensor, expected[name]), name
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name.split(".corrupt-")[0] for p in ckpt.iterdir()) == sorted(damage), \
+        "finish removes the checkpoints, and keeps those set aside"
 
 
 # --- launching: one process, torchrun, torchrun on each SLURM node ------------

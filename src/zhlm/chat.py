@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zhlm.generate import Sampling, stream
+from zhlm.generate import MIN_TEMPERATURE, Sampling, stream
 from zhlm.inference import LoadedModel, TextStream, load
 from zhlm.tokenizer.chat import encode_prompt
 
@@ -106,14 +106,20 @@ def run(args) -> int:
         print(f"zhlm chat: {e}", file=sys.stderr)
         return 2
     d = lm.defaults
-    sampling = Sampling(
-        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
-        temperature=args.temperature if args.temperature is not None else d.temperature,
-        top_p=args.top_p if args.top_p is not None else d.top_p,
-        repetition_penalty=args.repetition_penalty if args.repetition_penalty is not None else d.repetition_penalty,
-    )
+    try:
+        sampling = Sampling(
+            max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
+            temperature=args.temperature if args.temperature is not None else d.temperature,
+            top_p=args.top_p if args.top_p is not None else d.top_p,
+            repetition_penalty=args.repetition_penalty if args.repetition_penalty is not None
+            else d.repetition_penalty,
+        )
+    except ValueError as e:
+        print(f"zhlm chat: {e}", file=sys.stderr)
+        return 2
     session = ChatSession(lm, sampling, system=args.system, seed=args.seed)
-    mode = "greedy" if sampling.temperature <= 0 else f"temperature {sampling.temperature}, top-p {sampling.top_p}"
+    mode = ("greedy" if sampling.temperature < MIN_TEMPERATURE
+            else f"temperature {sampling.temperature}, top-p {sampling.top_p}")
     print(f"zhlm chat: {lm.name} on {lm.device}, {lm.context}-token context, {mode}.\n{HELP}", flush=True)
     while True:
         try:

@@ -6,6 +6,7 @@ other prompts in its batch.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,10 +17,28 @@ from zhlm.model import KVCache, LlamaForCausalLM
 
 @dataclass
 class Sampling:
+    """How to pick each new token. The ranges are the ones every caller (chat, serve, rollouts) may use."""
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 is greedy
+    temperature: float = 0.0  # 0 is greedy, and so is anything below MIN_TEMPERATURE
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        for name, lo, hi in (("temperature", 0, MAX_TEMPERATURE), ("top_p", 0, 1),
+                             ("repetition_penalty", MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
+                raise ValueError(f"{name} must be a number from {lo} to {hi}, not {value!r}")
+        if self.top_p == 0:
+            raise ValueError("top_p must be above 0")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+
+
+MAX_TEMPERATURE = 2.0
+MIN_TEMPERATURE = 1e-3  # below it decode greedily (the limit as it goes to 0): logits / temperature would overflow
+MIN_REPETITION_PENALTY = 0.01  # a lower one overflows the logits it divides, as above
+MAX_REPETITION_PENALTY = 10.0
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
@@ -31,7 +50,7 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         penalized = torch.where(logits > 0, logits / sampling.repetition_penalty,
                                 logits * sampling.repetition_penalty)
         logits = torch.where(seen, penalized, logits)
-    if sampling.temperature <= 0:
+    if sampling.temperature < MIN_TEMPERATURE:
         return logits.max(-1).indices  # argmax (the first maximum), in a third of argmax's time
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:

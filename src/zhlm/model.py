@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zhlm.io import TOKENIZER_FILES, atomic_path, write_json
+from zhlm.io import TOKENIZER_FILES, atomic_path, write_bytes, write_json
 
 
 @dataclass
@@ -321,16 +321,21 @@ class LlamaForCausalLM(nn.Module):
 
 
 def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike) -> None:
-    """config.json + model.safetensors, each written atomically."""
-    from safetensors.torch import save_file
+    """config.json + model.safetensors, each written atomically.
+
+    The weights are serialised in memory and written by zhlm.io: safetensors' own save_file
+    writes through a temporary file of its own (mode 0600, a random name a kill leaves behind)
+    and hides a full disk in a SafetensorError.
+    """
+    from safetensors.torch import save
 
     out_dir = Path(out_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    # Weights first: if they cannot be written, the folder keeps its previous config and weights together.
+    write_bytes(out_dir / "model.safetensors", save(state, metadata={"format": "pt"}))
     write_json(model.config.to_hf(), out_dir / "config.json")
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 def load_model(model_dir: str | os.PathLike, device="cpu") -> LlamaForCausalLM:

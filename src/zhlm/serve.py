@@ -14,9 +14,11 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -27,15 +29,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zhlm.generate import Sampling, stream
+from zhlm.generate import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY, Sampling, stream
 from zhlm.inference import LoadedModel, TextStream, load
 from zhlm.tokenizer.chat import ROLES, encode_prompt
 
 log = logging.getLogger("zhlm.serve")
-
-MAX_BODY = 1 << 20  # bytes; a chat request is far smaller, and the body is held in memory
-MAX_STOPS = 4  # as OpenAI
-
 
 class ApiError(Exception):
     """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
@@ -224,6 +222,20 @@ class Engine:
 
 
 # --- requests -----------------------------------------------------------------------------
+#
+# Every value a client controls is checked here, once, into a ChatRequest; anything wrong is a
+# 400 naming the parameter. Each limit is far above what a sensible chat request needs and
+# bounds the work done before a request is refused. Keys this server does not read (OpenAI's
+# `user`, `logprobs`, ...) are ignored, as OpenAI-compatible clients send some by default.
+
+MAX_BODY = 1 << 20  # bytes; the body is held in memory
+MAX_DEPTH = 64  # nested arrays and objects; json.loads recurses once per level
+MAX_MESSAGES = 256
+MAX_PARTS = 64  # content parts of one message
+MAX_CONTENT = 32_768  # characters of one message, far beyond any zhlm model's context
+MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 128  # each stop string is matched against the answer's tail at every token
+
 
 @dataclass
 class ChatRequest:
@@ -236,6 +248,12 @@ class ChatRequest:
     include_usage: bool
 
 
+def _show(value) -> str:
+    """A client's value for an error message, cut short: the message must stay small."""
+    text = repr(value)  # repr escapes lone surrogates, which the JSON response could not encode
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(body: dict, name: str, default, lo: float, hi: float, *, integer=False, lo_open=False):
     value = body.get(name)
     if value is None:
@@ -243,42 +261,86 @@ def _number(body: dict, name: str, default, lo: float, hi: float, *, integer=Fal
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}", param=name)
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo} and <= {hi}; got {value}",
+    # Written so that NaN, which compares false with everything, and ±Infinity fall outside.
+    if not ((lo < value if lo_open else lo <= value) and value <= hi):
+        raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo} and <= {hi}; got {_show(value)}",
                        param=name)
+    return value if integer else float(value)
+
+
+def _flag(body: dict, name: str, param: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{param}' must be true or false; got {_show(value)}", param=param)
+    return bool(value)
+
+
+def _text(value, param: str, max_chars: int) -> str:
+    """A non-empty string of at most max_chars Unicode scalar values.
+
+    JSON's escape "\\ud800" gives a lone surrogate, which is no character: the tokenizer
+    (and UTF-8) cannot take it.
+    """
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"'{param}' must be a non-empty string", param=param)
+    if len(value) > max_chars:
+        raise ApiError(400, f"'{param}' is {len(value)} characters; at most {max_chars} are allowed", param=param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"'{param}' has a lone surrogate at character {e.start}: not a Unicode character",
+                       param=param) from None
     return value
 
 
-def _content(message: dict, i: int) -> str:
+def _content(message: dict, param: str) -> str:
     content = message.get("content")
     if isinstance(content, list):  # content parts: only text parts can be read
+        if len(content) > MAX_PARTS:
+            raise ApiError(400, f"'{param}' has {len(content)} parts; at most {MAX_PARTS} are allowed", param=param)
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
-            raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                           param=f"messages.[{i}].content")
+            raise ApiError(400, f"'{param}': only text parts are supported", param=param)
         content = "".join(p["text"] for p in content)
-    if not isinstance(content, str) or not content:
-        raise ApiError(400, f"messages[{i}].content must be a non-empty string", param=f"messages.[{i}].content")
-    return content
+    return _text(content, param, MAX_CONTENT)
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"'messages' has {len(messages)} messages; at most {MAX_MESSAGES} are allowed",
+                       param="messages")
+    parsed = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"'messages.[{i}]' must be an object", param=f"messages.[{i}]")
+        role = m.get("role")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for system
+        if not isinstance(role, str) or role not in ROLES:
+            raise ApiError(400, f"'messages.[{i}].role' {_show(m.get('role'))} is not one of {', '.join(ROLES)}",
+                           param=f"messages.[{i}].role")
+        parsed.append({"role": role, "content": _content(m, f"messages.[{i}].content")})
+    return parsed
+
+
+def _stops(body: dict) -> list[str]:
+    stops = body.get("stop")
+    stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS:
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them",
+                       param="stop")
+    return [_text(stop, "stop", MAX_STOP_CHARS) for stop in stops]
 
 
 def parse_request(body, lm: LoadedModel) -> ChatRequest:
     """Check a chat completions body; anything wrong is an ApiError naming the parameter."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    parsed = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages.[{i}]")
-        role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for system
-        if role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role {m.get('role')!r} is not one of {', '.join(ROLES)}",
-                           param=f"messages.[{i}].role")
-        parsed.append({"role": role, "content": _content(m, i)})
-
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise ApiError(400, "'model' must be a string", param="model")  # any name: the server has one model
+    messages = _messages(body)
     n = _number(body, "n", 1, 1, 1 << 30, integer=True)
     if n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
@@ -286,43 +348,74 @@ def parse_request(body, lm: LoadedModel) -> ChatRequest:
     max_tokens = _number(body, name, None, 1, lm.context, integer=True)
     d = lm.defaults
     sampling = Sampling(
-        temperature=_number(body, "temperature", d.temperature, 0, 2),
+        temperature=_number(body, "temperature", d.temperature, 0, MAX_TEMPERATURE),
         top_p=_number(body, "top_p", d.top_p, 0, 1, lo_open=True),
-        repetition_penalty=_number(body, "repetition_penalty", d.repetition_penalty, 0, 10, lo_open=True),
+        repetition_penalty=_number(body, "repetition_penalty", d.repetition_penalty, MIN_REPETITION_PENALTY,
+                                   MAX_REPETITION_PENALTY),
     )
     seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
-    stops = body.get("stop")
-    stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
-    if not isinstance(stops, list) or len(stops) > MAX_STOPS or \
-            not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them",
-                       param="stop")
-    streaming = body.get("stream") or False
-    options = body.get("stream_options") or {}
-    if not isinstance(streaming, bool) or not isinstance(options, dict):
-        raise ApiError(400, "'stream' must be a boolean and 'stream_options' an object", param="stream")
-    return ChatRequest(parsed, max_tokens, sampling, seed, stops, streaming, bool(options.get("include_usage")))
+    streaming = _flag(body, "stream", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    include_usage = _flag(options or {}, "include_usage", "stream_options.include_usage")
+    return ChatRequest(messages, max_tokens, sampling, seed, _stops(body), streaming, include_usage)
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # no nested quantifiers: linear time
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def nesting_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON text, in one pass without recursion.
+
+    Strings are cut out first, since a bracket inside one is text. Exact for valid JSON,
+    and for invalid JSON up to its first error, which is as far as json.loads reads.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(raw: bytes):
+    """The JSON value of a request body: UTF-8 (RFC 8259), nesting at most MAX_DEPTH deep."""
+    try:
+        # Strict, unlike json.loads on bytes, which lets encoded surrogates (ED A0 80) through.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    if (depth := nesting_depth(text)) > MAX_DEPTH:
+        raise ApiError(400, f"the request body nests {depth} arrays and objects deep; at most {MAX_DEPTH} "
+                            "are allowed")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: cannot happen after the depth check
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
 
 async def read_json_body(request: Request):
-    """The JSON body, refusing more than MAX_BODY bytes before reading them all."""
+    """The JSON body, refusing more than MAX_BODY bytes before reading them all.
+
+    The Content-Type is not checked: the body is read as JSON whatever it says, so that
+    `curl -d` without a Content-Type header works.
+    """
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > MAX_BODY:
         raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="request_too_large")
     body = bytearray()
     async for chunk in request.stream():  # a chunked body has no length up front
         body += chunk
         if len(body) > MAX_BODY:
             raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="request_too_large")
-    try:
-        return json.loads(body)
-    except ValueError as e:  # includes invalid UTF-8
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    return parse_json(bytes(body))
 
 
 class RequireKey:
     """ASGI middleware: 401 for a request without 'Authorization: Bearer KEY'.
 
+    As HTTP says: the scheme is case-insensitive (RFC 7235, so `bearer KEY` is accepted),
+    and whitespace around the header's value is no part of it (RFC 9110, so a trailing space
+    is accepted); the key itself must match exactly, compared in constant time.
     /health stays open, so that a load balancer can probe without the key.
     """
 
@@ -331,12 +424,19 @@ class RequireKey:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+            value = dict(scope["headers"]).get(b"authorization", b"").strip(b" \t")
+            scheme, _, given = value.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.lstrip(b" "), self.key):
                 response = error_response(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'",
                                           code="invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def check_api_key(key: str) -> None:
+    """A key a client can send: visible ASCII, since HTTP strips the whitespace around a header."""
+    if not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise ValueError("the API key must be visible ASCII characters, without spaces")
 
 
 # --- the app ------------------------------------------------------------------------------
@@ -345,6 +445,8 @@ def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", ma
     """The API over the model in `model_dir`. The model worker starts now and stops with the app."""
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
+    if api_key:
+        check_api_key(api_key)
     lm = load(model_dir, device)
     engine = Engine(lm, max_batch=max_batch)
     created = int(time.time())

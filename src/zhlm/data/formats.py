@@ -4,7 +4,14 @@ Files are read as streams and written as they are read, so memory holds one batc
 never the file; a source can be parsed as several shards that concatenate to the whole.
 
 A bad record never stops a source: it becomes a reject with a reason, so that
-rows in = rows kept + rows rejected holds for every source.
+rows in = rows kept + rows rejected holds for every source. A blank line (nothing but ASCII
+whitespace) is no record: it is counted in the stats as a skipped blank line, so that every
+line of a jsonl or txt file is a row in, a record beyond the limit or a blank line.
+
+Where a record is (its `index`, 0-based) makes the default id SOURCE:INDEX and a reject's
+index. In jsonl and txt it is the physical line, blank lines included, so index i is line
+i + 1 in an editor. In json, parquet and csv it is the record number: a csv's header, its
+blank lines and the newlines inside its quoted fields are not counted.
 """
 from __future__ import annotations
 
@@ -40,10 +47,13 @@ csv.field_size_limit(2**31 - 1)
 
 @dataclass
 class Record:
-    index: int                 # 0-based record number (blank lines are not records)
-    data: dict | None          # the parsed record, None when rejected
+    """One record of a source, or one blank line of it (`blank`: no data and no error)."""
+    index: int                 # where it is, 0-based: the line in jsonl and txt, else the record number
+    number: int                # 0-based record number, the count `limit` uses (a blank line: records before it)
+    data: dict | None          # the parsed record, None when rejected or blank
     error: str | None = None   # why the record could not be read
     raw: str | None = None     # the raw text of a rejected record, truncated
+    blank: bool = False        # a blank line, skipped and counted
 
 
 class MissingField(KeyError):
@@ -83,9 +93,9 @@ def shard_range(n: int, shard: int, n_shards: int) -> tuple[int, int]:
     return n * shard // n_shards, n * (shard + 1) // n_shards
 
 
-def _nonblank_lines(f, start: int, stop: int | None) -> Iterator[bytes]:
-    """The non-blank lines of binary file `f` that start in [start, stop) (`start` is a line
-    start), BOM and line ending stripped; stop None reads to the end."""
+def _file_lines(f, start: int, stop: int | None) -> Iterator[bytes | None]:
+    """The lines of binary file `f` that start in [start, stop) (`start` is a line start),
+    BOM and line ending stripped, None for a blank line; stop None reads to the end."""
     f.seek(start)
     pos = start
     for line in f:
@@ -94,8 +104,7 @@ def _nonblank_lines(f, start: int, stop: int | None) -> Iterator[bytes]:
         at_start, pos = pos == 0, pos + len(line)
         if at_start and line.startswith(_BOM):
             line = line[len(_BOM):]
-        if line.strip():
-            yield line.rstrip(b"\r\n")
+        yield line.rstrip(b"\r\n") if line.strip() else None
 
 
 def _line_start(f, pos: int) -> int:
@@ -107,59 +116,72 @@ def _line_start(f, pos: int) -> int:
     return f.tell()
 
 
-def _lines(path, shard: int = 0, n_shards: int = 1) -> Iterator[tuple[int, bytes]]:
-    """Non-blank lines as bytes with their record index in the whole file (from 0), BOM and
-    line ending stripped. A shard owns the lines that start in its byte range; the index of
-    its first line comes from counting the non-blank lines before it, a streamed pass over
-    the bytes before the range."""
+def _lines(path, shard: int = 0, n_shards: int = 1) -> Iterator[tuple[int, int, bytes | None]]:
+    """Each line as (line index, record number, bytes or None when blank), both counted from 0
+    in the whole file, BOM and line ending stripped; a blank line has the number of the records
+    before it. A shard owns the lines that start in its byte range; the counts at its first line
+    come from a streamed pass over the bytes before the range."""
     with _open(path) as f:
-        start, stop, index = 0, None, 0
+        start, stop, index, number = 0, None, 0, 0
         if n_shards > 1:
             lo, hi = shard_range(os.fstat(f.fileno()).st_size, shard, n_shards)
             start, stop = _line_start(f, lo), _line_start(f, hi)
-            index = sum(1 for _ in _nonblank_lines(f, 0, start))
-        for line in _nonblank_lines(f, start, stop):
-            yield index, line
-            index += 1
+            for line in _file_lines(f, 0, start):
+                index, number = index + 1, number + (line is not None)
+        for line in _file_lines(f, start, stop):
+            yield index, number, line
+            index, number = index + 1, number + (line is not None)
+
+
+def _blank(index: int, number: int) -> Record:
+    return Record(index, number, None, blank=True)
 
 
 def _record_range(read, shard: int, n_shards: int) -> Iterator[Record]:
-    """Shard by record index a file that cannot be cut by bytes (a JSON array, csv, .gz):
-    one streamed pass counts the records, a second keeps the shard's contiguous range and
-    stops after it. Memory stays one record; the cost is reading the file up to twice."""
+    """Shard by position in the stream (records and blank lines alike) a file that cannot be
+    cut by bytes (a JSON array, csv, .gz): one streamed pass counts what `read` yields, a
+    second keeps the shard's contiguous range and stops after it. Memory stays one record;
+    the cost is reading the file up to twice."""
     total = sum(1 for _ in read())
     lo, hi = shard_range(total, shard, n_shards)
-    for rec in read():
-        if rec.index >= hi:
+    for pos, rec in enumerate(read()):
+        if pos >= hi:
             return
-        if rec.index >= lo:
+        if pos >= lo:
             yield rec
 
 
 def _read_jsonl(path, shard: int = 0, n_shards: int = 1) -> Iterator[Record]:
-    for index, line in _lines(path, shard, n_shards):
+    for index, number, line in _lines(path, shard, n_shards):
+        if line is None:
+            yield _blank(index, number)
+            continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            yield Record(index, None, "invalid utf-8", _raw(line))
+            yield Record(index, number, None, "invalid utf-8", _raw(line))
             continue
         try:
             obj = json.loads(text)
         except (ValueError, RecursionError):
-            yield Record(index, None, "bad json", _raw(text))
+            yield Record(index, number, None, "bad json", _raw(text))
             continue
         if isinstance(obj, dict):
-            yield Record(index, obj)
+            yield Record(index, number, obj)
         else:
-            yield Record(index, None, "not an object", _raw(text))
+            yield Record(index, number, None, "not an object", _raw(text))
 
 
 def _read_txt(path, shard: int = 0, n_shards: int = 1) -> Iterator[Record]:
-    for index, line in _lines(path, shard, n_shards):
+    # One line is one record.
+    for index, number, line in _lines(path, shard, n_shards):
+        if line is None:
+            yield _blank(index, number)
+            continue
         try:
-            yield Record(index, {"text": line.decode("utf-8")})
+            yield Record(index, number, {"text": line.decode("utf-8")})
         except UnicodeDecodeError:
-            yield Record(index, None, "invalid utf-8", _raw(line))
+            yield Record(index, number, None, "invalid utf-8", _raw(line))
 
 
 _JSON_TYPES = {b"{": "an object", b'"': "a string", b"[": "an array"}
@@ -180,9 +202,9 @@ def _read_json(path) -> Iterator[Record]:
         try:
             for obj in ijson.items(f, "item", use_float=True):
                 if isinstance(obj, dict):
-                    yield Record(index, obj)
+                    yield Record(index, index, obj)
                 else:
-                    yield Record(index, None, "not an object",
+                    yield Record(index, index, None, "not an object",
                                  _raw(json.dumps(obj, ensure_ascii=False)))
                 index += 1
         except ijson.JSONError as e:
@@ -202,7 +224,7 @@ def _read_parquet(path, shard: int = 0, n_shards: int = 1) -> Iterator[Record]:
         return
     for batch in f.iter_batches(batch_size=8192, row_groups=range(lo, hi)):
         for obj in batch.to_pylist():
-            yield Record(index, obj)
+            yield Record(index, index, obj)
             index += 1
 
 
@@ -224,18 +246,19 @@ def _read_csv(path) -> Iterator[Record]:
             except StopIteration:
                 return
             except csv.Error as e:
-                yield Record(index, None, "bad csv row", _raw(str(e)))
+                yield Record(index, index, None, "bad csv row", _raw(str(e)))
                 index += 1
                 continue
             if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # a blank line
+                yield _blank(index, index)  # no record, so it takes no record number
+                continue
             raw = ",".join(row)
             if _SURROGATE.search(raw):
-                yield Record(index, None, "invalid utf-8", _raw(_unescape(raw)))
+                yield Record(index, index, None, "invalid utf-8", _raw(_unescape(raw)))
             elif len(row) != len(header):
-                yield Record(index, None, "bad csv row", _raw(raw))
+                yield Record(index, index, None, "bad csv row", _raw(raw))
             else:
-                yield Record(index, dict(zip(header, row)))
+                yield Record(index, index, dict(zip(header, row)))
             index += 1
 
 
@@ -250,8 +273,9 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
 
 def read_records(path: str | os.PathLike, fmt: str, *, shard: int = 0, n_shards: int = 1) -> Iterator[Record]:
     """Stream the records of a file, or of shard `shard` of `n_shards`; unreadable records come
-    back with `error` set. Indexes count records in the whole file, whichever the shard, and
-    the shards in order give the records of the whole file in order."""
+    back with `error` set, and blank lines (jsonl, txt, csv) with `blank` set, so that they can
+    be counted. Indexes and numbers count in the whole file, whichever the shard, and the shards
+    in order give the records and blank lines of the whole file in order."""
     if fmt not in _READERS:
         raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
     shard_range(0, shard, n_shards)  # checks the shard
@@ -372,7 +396,7 @@ def _parse(records: Iterator[Record], write_rows, write_rejects, *, source: str,
     rows = _Batches(lambda batch: rows_table(batch, kind), write_rows)
     rejects = _Batches(rejects_table, write_rejects)
     reasons: Counter = Counter()
-    rows_in = beyond = 0
+    rows_in = beyond = blank = 0
 
     def reject(index, id_, reason, content):
         reasons[reason] += 1
@@ -380,7 +404,10 @@ def _parse(records: Iterator[Record], write_rows, write_rejects, *, source: str,
                      "content": _clean(content)})
 
     for rec in records:
-        if limit is not None and rec.index >= limit:  # the first `limit` records of the whole source
+        if rec.blank:  # counted wherever it is, before or beyond the limit
+            blank += 1
+            continue
+        if limit is not None and rec.number >= limit:  # the first `limit` records of the whole source
             beyond += 1
             continue
         rows_in += 1
@@ -425,7 +452,7 @@ def _parse(records: Iterator[Record], write_rows, write_rejects, *, source: str,
     kept = rows_in - sum(reasons.values())
     stats = {"source": source, "kind": kind, "rows_in": rows_in, "rows_kept": kept,
              "rows_rejected": rows_in - kept, "reasons": dict(reasons),
-             "records_beyond_limit": beyond}
+             "records_beyond_limit": beyond, "blank_lines_skipped": blank}
     rows.flush()
     rejects.flush()
     return stats
@@ -450,9 +477,9 @@ def parse_to_parquet(path: str | os.PathLike, fmt: str, rows_path: str | os.Path
     """Parse one source file, or shard `shard` of `n_shards` of it, as a stream: rows and
     rejects are written as parquet row groups as they come. Returns the stats.
 
-    Ids and reject indexes are those of the unsharded parse (indexes count records in the
-    whole file), and `limit` keeps the first records of the whole file, so the shards in
-    order concatenate to the one-shard output.
+    Ids and reject indexes are those of the unsharded parse (indexes count in the whole
+    file), and `limit` keeps the first records of the whole file (blank lines are not
+    records), so the shards in order concatenate to the one-shard output.
     """
     templates = _check_templates(kind, templates)
     records = read_records(path, fmt, shard=shard, n_shards=n_shards)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from zhlm.inference import pick_device
-from zhlm.io import atomic_path
+from zhlm.io import CorruptFile, atomic_path, fsync, read_checked, remove_stale_temps, write_checked
 from zhlm.train import distributed
 from zhlm.train.batches import Batch, BatchSource
 
@@ -221,22 +222,49 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict], fingerprint: str) -> None:
+# The checkpoints a stage keeps, newest first: resume tries each in turn.
+CHECKPOINTS = ("last.pt", "prev.pt")
+
+
+def save_checkpoint(ckpt_dir: Path, model, optimizer, step: int, history: list[dict], fingerprint: str) -> None:
+    """Write ckpt_dir/last.pt, checksummed; the previous last.pt becomes prev.pt once the new one
+    is verified on disk, so a corrupted last.pt still leaves a checkpoint to resume from.
+
+    The state is serialised in memory first: its size is known, and the file is written with
+    plain writes, where a full disk is an ENOSPC naming the file (torch.save to a path says
+    "basic_ios::clear: iostream error").
+    """
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,
         "fingerprint": fingerprint,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    last, prev = (ckpt_dir / name for name in CHECKPOINTS)
+    # The oldest goes first, so the disk holds at most two checkpoints: last.pt and the new one.
+    prev.unlink(missing_ok=True)
+
+    def keep_last_as_prev():
+        if last.exists():
+            os.replace(last, prev)
+
+    write_checked(last, buffer.getbuffer(), before_rename=keep_last_as_prev)
+    fsync(ckpt_dir)
 
 
-def load_checkpoint(path: Path, model, optimizer: Optimizers, fingerprint: str) -> tuple[int, list[dict]]:
-    """Restore model, optimizer and RNG states; (0, []) if the checkpoint is another run's."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        return 0, []
+def read_checkpoint(path: Path) -> dict:
+    """The state saved in `path`; CorruptFile if it is truncated, altered or does not load."""
+    payload = read_checked(path)
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as exc:  # a checksum that matches makes this a bug of the writer, but say which file
+        raise CorruptFile(f"{path}: its checksum matches but torch cannot load it: {exc}") from exc
+
+
+def restore(state: dict, model, optimizer: Optimizers) -> tuple[int, list[dict]]:
+    """Put model, optimizer and RNG states back as they were when `state` was saved."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -245,6 +273,13 @@ def load_checkpoint(path: Path, model, optimizer: Optimizers, fingerprint: str) 
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"], state["history"]
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a corrupt file to NAME.corrupt-TIME: out of resume's way, but kept for a look."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
 
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"]
@@ -278,15 +313,34 @@ def write_log(history: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
-def resume(ckpt: Path, model, optimizer, fingerprint: str) -> tuple[int, list[dict]]:
-    """(step, history) of the checkpoint of this run, or (0, []) when there is none."""
-    if not ckpt.exists():
+def resume(ckpt_dir: Path, model, optimizer, fingerprint: str) -> tuple[int, list[dict]]:
+    """(step, history) of the newest good checkpoint of this run, or (0, []) when there is none.
+
+    A checkpoint that fails its checksum or does not load is moved aside, named in a
+    warning, and the one before it tried; nothing is restored from a bad one.
+    """
+    state, source, corrupt = None, None, []
+    for path in (ckpt_dir / name for name in CHECKPOINTS):
+        if not path.exists():
+            continue
+        try:
+            state, source = read_checkpoint(path), path
+            break
+        except CorruptFile as exc:
+            corrupt.append((path, exc))
+    distributed.barrier()  # every process has read the checkpoints before one is moved
+    if distributed.rank() == 0:
+        for path, exc in corrupt:
+            log.warning("corrupt checkpoint: %s; moved it to %s", exc, set_aside(path))
+    if state is None:
+        if corrupt:
+            log.warning("no usable checkpoint in %s: starting from scratch", ckpt_dir)
         return 0, []
-    step, history = load_checkpoint(ckpt, model, optimizer, fingerprint)
-    if step:
-        log.info("resumed from %s at step %d", ckpt, step)
-    else:
-        log.info("ignoring %s: it was written by a run with other settings or inputs", ckpt)
+    if state.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: it was written by a run with other settings or inputs", source)
+        return 0, []
+    step, history = restore(state, model, optimizer)
+    log.info("resumed from %s at step %d", source, step)
     return step, history
 
 
@@ -343,8 +397,11 @@ def train(model: torch.nn.Module, data: BatchSource, loss_fn: LossFn, cfg: Train
                          f"({cfg.micro_batch} × {world})")
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg, device)
-    ckpt = ckpt_dir / "last.pt"
-    step, history = resume(ckpt, model, optimizer, fingerprint)
+    if rank == 0:
+        for folder in (out_dir, ckpt_dir):
+            for stale in remove_stale_temps(folder):
+                log.info("removed %s, a temporary file left by a killed run", stale)
+    step, history = resume(ckpt_dir, model, optimizer, fingerprint)
     amp = autocast_dtype(cfg, device)
     peak = matmul_peak_flops(device, amp or torch.float32) if flops_per_item else 0.0
     wrapped = distributed.wrap(model, device)
@@ -372,7 +429,7 @@ def train(model: torch.nn.Module, data: BatchSource, loss_fn: LossFn, cfg: Train
             # Every process stops at the same step if any of them got the signal.
             stopping = distributed.all_sum(float(stop.signum or 0), device)
             if rank == 0 and (step % cfg.checkpoint_every == 0 or stopping):
-                save_checkpoint(ckpt, model, optimizer, step, history, fingerprint)
+                save_checkpoint(ckpt_dir, model, optimizer, step, history, fingerprint)
                 write_log(history, out_dir)
             # After the checkpoint: on a signal, the terminal may be gone.
             bar.update(1)
@@ -382,7 +439,7 @@ def train(model: torch.nn.Module, data: BatchSource, loss_fn: LossFn, cfg: Train
                 distributed.barrier()
                 bar.close()
                 signum = stop.signum or signal.SIGTERM
-                log.warning("stopped by signal %d at step %d; the checkpoint in %s resumes it", signum, step, ckpt)
+                log.warning("stopped by signal %d at step %d; the checkpoint in %s resumes it", signum, step, ckpt_dir)
                 raise StopRequested(128 + signum)
     bar.close()
     if rank == 0:
@@ -391,7 +448,8 @@ def train(model: torch.nn.Module, data: BatchSource, loss_fn: LossFn, cfg: Train
 
 
 def finish(ckpt_dir) -> None:
-    """Remove the checkpoint once the stage's final files are written."""
-    ckpt = Path(ckpt_dir) / "last.pt"
-    if distributed.rank() == 0 and ckpt.exists():
-        ckpt.unlink()
+    """Remove the checkpoints once the stage's final files are written. Corrupt ones set aside
+    stay: the log names them, for a look at what damaged them."""
+    if distributed.rank() == 0:
+        for name in CHECKPOINTS:
+            (Path(ckpt_dir) / name).unlink(missing_ok=True)
