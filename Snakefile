@@ -1,15 +1,28 @@
 # zhlm: raw corpus -> cleaned, deduplicated, split text -> tokenizer -> token ids
 # -> pretrain -> SFT -> DPO rollouts -> DPO -> eval. See README.md.
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
+
+from zhlm.config import ConfigError, check_yaml_file, config_errors
 
 min_version("8.0")
 
 # A --configfile replaces the demo config instead of being merged into it.
 if not workflow.overwrite_configfiles:
+    # Snakemake's loader says only "not valid JSON or YAML"; this names the file, line and
+    # column. (A --configfile Snakemake reads before this file runs; its --verbose says where.)
+    try:
+        check_yaml_file("config/config.yaml")
+    except ConfigError as e:
+        raise WorkflowError(f"config: {e}")
+
     configfile: "config/config.yaml"
 
 
+# Each key by the schema (types, ranges, unknown keys), then the rules between keys.
 validate(config, "workflow/schemas/config.schema.yaml")
+if errors := config_errors(config):
+    raise WorkflowError("\n".join(f"config: {error}" for error in errors))
 
 
 include: "workflow/rules/common.smk"

@@ -87,8 +87,11 @@ class SlurmCluster:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(none)"
 
     def stop(self):
-        """Cancel every job, then stop the daemons (slurmd, slurmctld, munged) and wait for them."""
-        subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True)
+        """Cancel every job, then stop the daemons (slurmd, slurmctld, munged) and wait for them:
+        those that started (a start that fails part way, or on a machine without SLURM, is
+        stopped too)."""
+        if (self.root / "slurmctld.pid").exists():
+            subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True)
         for daemon in reversed(DAEMONS):
             pid_file = self.root / f"{daemon}.pid"
             try:

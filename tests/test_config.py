@@ -1,16 +1,21 @@
-"""The schema is the one source of defaults: the library's settings dataclasses carry the same."""
+"""The schema is the one source of defaults: the library's settings dataclasses carry the same.
+And the rules between a config's keys, which the schema cannot say, fail naming the keys."""
 import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from zhlm.config import TRAINING_STAGES, ConfigError, check_yaml_file, config_errors
 from zhlm.eval.run import EvalConfig
 from zhlm.model import ModelConfig
 from zhlm.train.loop import TrainConfig
 from zhlm.train.rollouts import RolloutConfig
 
-SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 
 
 def schema_defaults(section: dict) -> dict:
@@ -36,3 +41,72 @@ def test_dataclass_defaults_are_the_schemas(cls, section, every_field):
     for key, value in schema.items():
         assert ours[key] == value and type(ours[key]) is type(value), (
             f"{cls.__name__}.{key} defaults to {ours[key]!r}, the schema to {value!r}")
+
+
+# --- the rules between keys (zhlm.config), which the Snakefile checks before any job --------
+
+TINY = yaml.safe_load((Path(__file__).resolve().parent / "tiny.yaml").read_text())
+
+
+def with_defaults(config: dict) -> dict:
+    """`config` with the schema's defaults filled in, as the Snakefile's validate leaves it."""
+    config = json.loads(json.dumps(config))
+    for section in ("model", *TRAINING_STAGES):
+        spec = SCHEMA["properties"][section]
+        spec = SCHEMA["definitions"]["training"] if "$ref" in spec else spec
+        config[section] = {**schema_defaults(spec), **config.get(section, {})}
+    return config
+
+
+# Each impossible shape or length, the keys its message names, and the values it shows.
+BROKEN = {
+    "heads do not divide hidden_size": ({"model": {"hidden_size": 30}},
+                                        "model.hidden_size (30) must be divisible by model.num_attention_heads (4)"),
+    "kv heads do not divide heads": ({"model": {"num_key_value_heads": 3}},
+                                     "model.num_attention_heads (4) must be divisible by "
+                                     "model.num_key_value_heads (3)"),
+    "odd head size": ({"model": {"hidden_size": 36}},
+                      "model.hidden_size / model.num_attention_heads (36 / 4 = 9)"),
+    **{f"{stage} seq_len past the context": ({stage: {"seq_len": 65}},
+                                             f"{stage}.seq_len (65) must not exceed model.max_position_embeddings (64)")
+       for stage in TRAINING_STAGES},
+    "batch not split evenly": ({"sft": {"global_batch": 6, "micro_batch": 4}},
+                               "sft.global_batch (6) must be divisible by sft.micro_batch × sft.nproc × sft.nodes "
+                               "(4 × 1 × 1 = 4)"),
+    "batch not split over processes": ({"dpo": {"global_batch": 4, "micro_batch": 2, "nproc": 2, "nodes": 2}},
+                                       "dpo.global_batch (4) must be divisible by dpo.micro_batch × dpo.nproc × "
+                                       "dpo.nodes (2 × 2 × 2 = 8)"),
+}
+
+
+def broken_config(change: dict) -> dict:
+    config = json.loads(json.dumps(TINY))
+    for section, values in change.items():
+        config[section] = {**config[section], **values}
+    return config
+
+
+def test_the_tiny_and_default_configs_can_train():
+    for path in ("tests/tiny.yaml", "config/config.yaml", "config/zh-0.1b.yaml"):
+        config = yaml.safe_load((REPO / path).read_text())
+        assert config_errors(with_defaults(config)) == [], path
+
+
+@pytest.mark.parametrize("change, message", BROKEN.values(), ids=BROKEN.keys())
+def test_a_config_that_cannot_train_is_named_by_its_keys(change, message):
+    errors = config_errors(with_defaults(broken_config(change)))
+    assert len(errors) == 1 and errors[0].startswith(message), errors
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text('sources:\n  a: {kind: pretrain, uri: "demo:news"\nmodel: {hidden_size: 32}\n')
+    with pytest.raises(ConfigError) as error:
+        check_yaml_file(path)
+    assert str(error.value).startswith(f"{path}, line 3, column 1: expected ',' or '}}'"), error.value
+    path.write_text("sources:\n\tdemo: {}\n")  # a tab
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}, line 2, column 1: found character '\\t'"):
+        check_yaml_file(path)
+    path.write_text(yaml.safe_dump(TINY))
+    check_yaml_file(path)  # a valid file passes
+    check_yaml_file(tmp_path / "missing.yaml")  # Snakemake reports a missing file itself

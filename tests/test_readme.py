@@ -8,12 +8,12 @@ dry run shows that it needs no cluster.
 """
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from project_files import copy_tree
 
 REPO = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -47,18 +47,6 @@ def readme_commands(text: str) -> list[str]:
 
 
 COMMANDS = readme_commands((REPO / "README.md").read_text(encoding="utf-8"))
-
-
-def copy_tree(dest: Path) -> Path:
-    """The repository's files (tracked, and new ones git does not ignore) copied to `dest`."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file():  # a tracked file deleted in the work tree is not copied
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    return dest
 
 
 def offline_env(tree: Path, stubs: Path) -> dict:

@@ -21,8 +21,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from project_files import copy_tree
 from safetensors import safe_open
 from slurm_cluster import ClusterUnavailable, SlurmCluster
+from test_config import BROKEN, broken_config
 from tokenizers import Tokenizer
 
 from zhlm.data import demo
@@ -34,13 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/tokens/train.bin"
 
 
-def snakemake_command(workdir, *args):
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+def snakemake_command(workdir, *args, python=sys.executable, project=REPO):
+    return [str(python), "-m", "snakemake", "-s", str(project / "Snakefile"), "-d", str(workdir),
             "--cores", "2", f"--configfile={workdir / 'config.yaml'}", *args]
 
 
-def snakemake(workdir, *args, env=None):
-    return subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, env=env, cwd=workdir)
+def snakemake(workdir, *args, env=None, **where):
+    """Snakemake on `workdir` with its config.yaml; `where`: another python or project folder."""
+    return subprocess.run(snakemake_command(workdir, *args, **where), capture_output=True, text=True, env=env,
+                          cwd=workdir)
 
 
 def planted_rows():
@@ -254,6 +258,23 @@ def test_second_run_has_nothing_to_do(dag):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
+def test_a_moved_project_run_through_another_python_path_has_nothing_to_do(dag, tmp_path):
+    """The project's files and the finished run copied to another folder (every mtime kept), and
+    Snakemake started through a symlink to this Python's environment: the rules' records hold no
+    path to the project, its scripts or the interpreter, so nothing is stale."""
+    workdir, _, _ = dag
+    moved = copy_tree(tmp_path / "moved")
+    shutil.copytree(workdir, moved, symlinks=True, dirs_exist_ok=True)  # results/, .snakemake/, config.yaml
+    (tmp_path / "env").symlink_to(sys.prefix, target_is_directory=True)
+    python = tmp_path / "env" / Path(sys.executable).relative_to(sys.prefix)
+    run = snakemake(moved, "-n", python=python, project=moved)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    assert "Nothing to be done" in output, output[-5000:]
+    shown = subprocess.run([python, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True)
+    assert shown.stdout.strip() == str(python) != sys.executable  # it really ran as another path
+
+
 def job_counts(output):
     """The job names of a dry run's "Job stats" table."""
     counts = {}
@@ -345,7 +366,7 @@ def test_a_local_source_file_is_the_input_of_its_download(tmp_path):
 
 def test_a_stage_over_several_nodes_asks_slurm_for_them_and_launches_on_each(tmp_path):
     config = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())
-    config["pretrain"].update(nproc=4, nodes=2)
+    config["pretrain"].update(nproc=4, nodes=2, global_batch=16)  # 2 per micro-batch on each of 8 processes
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     run = snakemake(tmp_path, "-n", "-p", "results/pretrain/model.safetensors")
     assert run.returncode == 0, run.stderr
@@ -363,6 +384,51 @@ def test_misspelled_config_key_fails_naming_the_key(tmp_path):
     run = snakemake(tmp_path, "-n")
     assert run.returncode != 0
     assert "min_chras" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("change, message", BROKEN.values(), ids=BROKEN.keys())
+def test_a_config_that_cannot_train_fails_before_any_job_naming_its_keys(change, message, tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(broken_config(change), allow_unicode=True, sort_keys=False))
+    run = snakemake(tmp_path, "-n")
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and f"config: {message}" in output, output[-3000:]
+    assert "Job stats" not in output  # no DAG was planned
+
+
+def test_a_yaml_error_in_the_default_config_names_its_line_and_column(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/config.yaml").write_text("sources:\n  demo: {kind: pretrain\nmodel: {}\n")
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                          "-n"], capture_output=True, text=True, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "config: config/config.yaml, line 3, column 6: expected ',' or '}'" in output, output[-3000:]
+
+
+def test_a_failing_script_leaves_its_traceback_in_its_log(tmp_path):
+    """A JSON array cut off mid-record fails the parse job: its log holds the error and where it
+    was raised, not only the console."""
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "a", "text": "长江是亚洲第一长河。"}, {"id": "b", "text": ', encoding="utf-8")
+    config = {"sources": {"broken": {"kind": "pretrain", "uri": broken.as_uri(), "format": "json"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path, "results/parsed/broken/0.parquet")
+    assert run.returncode != 0
+    assert "log: results/logs/parse/broken/0.log" in run.stderr, run.stderr[-3000:]
+    log = (tmp_path / "results/logs/parse/broken/0.log").read_text()
+    assert "Traceback (most recent call last)" in log and "ValueError: results/raw/broken/broken.json: " in log, log
+
+
+def test_a_failing_training_job_leaves_its_traceback_in_its_log(dag, tmp_path):
+    """The training rules' scripts log to stderr, which the rule copies into the log."""
+    workdir, _, _ = dag
+    copy = tmp_path / "dag"
+    shutil.copytree(workdir, copy, symlinks=True)
+    (copy / "results/tokens/meta.json").write_text("{")  # newer than pretrain's outputs, and broken
+    run = snakemake(copy, "results/pretrain/model.safetensors")
+    assert run.returncode != 0 and "log: results/logs/pretrain.log" in run.stderr, run.stderr[-3000:]
+    log = (copy / "results/logs/pretrain.log").read_text()
+    assert "Traceback (most recent call last)" in log and "JSONDecodeError" in log, log
 
 
 def test_every_stage_leaves_a_model_folder_that_transformers_loads_with_the_same_logits(dag):

@@ -252,14 +252,26 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def setup_logging(log_path: str | os.PathLike | None = None) -> logging.Logger:
-    """Log to stderr and, when given, to the rule's log file."""
+    """Log to stderr and, when given, to the rule's log file; an exception that ends the script
+    is logged too, with its traceback. Snakemake points the user of a failed job at its log, and
+    shows a script's stderr only on the console (the training rules tee their stderr into the log)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         handlers=handlers, force=True)
+    sys.excepthook = _log_uncaught
     return logging.getLogger("zhlm")
+
+
+def _log_uncaught(kind, error, traceback) -> None:
+    """sys.excepthook: the error and its traceback through the log's handlers (stderr among them),
+    in place of Python's print to stderr. Ctrl-C keeps Python's short message."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, traceback)
+        return
+    logging.getLogger("zhlm").critical("failed: %s: %s", kind.__name__, error, exc_info=(kind, error, traceback))
 
 
 def as_paths(paths) -> list:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zhlm.config import model_shape_errors
 from zhlm.io import TOKENIZER_FILES, atomic_path, write_bytes, write_json
 
 
@@ -44,10 +45,8 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if errors := model_shape_errors(asdict(self)):
+            raise ValueError("; ".join(errors))
 
     def to_hf(self) -> dict:
         """The config.json of an equivalent `LlamaForCausalLM`."""

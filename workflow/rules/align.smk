@@ -19,7 +19,6 @@ rule sft:
         tokens=lambda w, input: folder(input.tokens),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
-        script=script_path("sft.py"),
     threads: workflow.cores
     resources:
         **training_resources("sft"),
@@ -30,7 +29,8 @@ rule sft:
     conda:
         "../../envs/zhlm.yaml"
     shell:
-        "exec {params.launch} {params.script} --init {params.init:q} --tokenizer {params.tokenizer:q}"
+        'exec "$ZHLM_PYTHON" -m zhlm.train.launch {params.launch} "$ZHLM_SCRIPTS/sft.py"'
+        " --init {params.init:q} --tokenizer {params.tokenizer:q}"
         " --tokens {params.tokens:q} --out {params.out:q} --ckpt {params.ckpt:q}"
         " --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"
@@ -95,7 +95,6 @@ rule dpo:
         tokens=lambda w, input: folder(input.tokens),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
-        script=script_path("dpo.py"),
     threads: workflow.cores
     resources:
         **training_resources("dpo"),
@@ -106,7 +105,8 @@ rule dpo:
     conda:
         "../../envs/zhlm.yaml"
     shell:
-        "exec {params.launch} {params.script} --sft {params.sft:q} --tokenizer {params.tokenizer:q}"
+        'exec "$ZHLM_PYTHON" -m zhlm.train.launch {params.launch} "$ZHLM_SCRIPTS/dpo.py"'
+        " --sft {params.sft:q} --tokenizer {params.tokenizer:q}"
         " --tokens {params.tokens:q} --out {params.out:q} --ckpt {params.ckpt:q}"
         " --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"

@@ -83,16 +83,25 @@ def conversation_files(folder, *prefixes, by_id=()):
 
 # --- model stages -----------------------------------------------------------
 
+# The interpreter and the folder of the scripts that the training rules' shell commands run
+# reach them as environment variables, set wherever this file is parsed: by the Snakemake that
+# runs the job (on a cluster, the one in the job). Snakemake records a rule's params and its
+# shell command's template, and these paths are no part of a result: a copied or moved project,
+# another path to the same Python (a symlinked venv) or a node that mounts the project elsewhere
+# is no reason to retrain.
+os.environ.update(ZHLM_PYTHON=sys.executable, ZHLM_SCRIPTS=os.path.join(workflow.basedir, "workflow", "scripts"))
+
+
 def model_folder(stage):
     """The files of a stage's Hugging Face model folder (loss.png is declared apart, for the report)."""
     return multiext(f"results/{stage}/", *MODEL_FILES)
 
 
 def launcher(stage):
-    """The command that starts a stage's training script: python, torchrun, or torchrun on each SLURM node."""
+    """The arguments of zhlm.train.launch for a stage, which starts its training script with
+    python, torchrun, or torchrun on each SLURM node."""
     settings = config[stage]
-    return (f"{sys.executable} -m zhlm.train.launch --nproc-per-node {settings['nproc']}"
-            f" --nodes {settings['nodes']}")
+    return f"--nproc-per-node {settings['nproc']} --nodes {settings['nodes']}"
 
 
 def gpus(stage):
@@ -113,10 +122,6 @@ def training_resources(stage):
     if gpus_per_node:  # GPUs per node (gres), and no task per GPU: torchrun starts those
         resources |= {"gres": f"gpu:{gpus_per_node}", "tasks_per_gpu": 0}
     return resources
-
-
-def script_path(name):
-    return os.path.join(workflow.basedir, "workflow", "scripts", name)
 
 
 def eval_inputs(wildcards):

@@ -23,7 +23,6 @@ rule pretrain:
         out=lambda w, output: folder([*output.folder, output.plot]),
         # Resumable checkpoints: a scratch folder, not an output (Snakemake deletes outputs first).
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
-        script=script_path("pretrain.py"),
     threads: workflow.cores
     resources:
         **training_resources("pretrain"),
@@ -34,6 +33,7 @@ rule pretrain:
     conda:
         "../../envs/zhlm.yaml"
     shell:
-        "exec {params.launch} {params.script} --tokens {params.tokens:q} --tokenizer {params.tokenizer:q}"
+        'exec "$ZHLM_PYTHON" -m zhlm.train.launch {params.launch} "$ZHLM_SCRIPTS/pretrain.py"'
+        " --tokens {params.tokens:q} --tokenizer {params.tokenizer:q}"
         " --out {params.out:q} --ckpt {params.ckpt:q} --model {params.model:q} --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"

@@ -1,0 +1,76 @@
+"""Checks of the workflow's config that its JSON schema (workflow/schemas/config.schema.yaml)
+cannot express: the Snakefile runs them at start-up, so a config that cannot train fails
+before any job runs, naming its keys, instead of when a stage starts hours later.
+"""
+from __future__ import annotations
+
+import os
+
+import yaml
+
+TRAINING_STAGES = ("pretrain", "sft", "dpo")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read, or a config that cannot train; the message says where."""
+
+
+def check_yaml_file(path: str | os.PathLike) -> None:
+    """Raise ConfigError naming the file, line and column of a YAML syntax error in `path`.
+
+    Snakemake's own loader says only that a config file "is not valid JSON or YAML". A missing
+    file is left to whoever reads it to report."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.safe_load(f)
+    except FileNotFoundError:
+        return
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(yaml_error_message(path, e)) from e
+
+
+def yaml_error_message(path: str | os.PathLike, error: yaml.MarkedYAMLError) -> str:
+    """'<path>, line L, column C: <problem>', and what the parser was reading, where it says."""
+    mark = error.problem_mark or error.context_mark
+    message = f"{path}, line {mark.line + 1}, column {mark.column + 1}: {error.problem or error.context}"
+    if error.context and error.problem and error.context_mark:
+        message += f" ({error.context} from line {error.context_mark.line + 1}, column {error.context_mark.column + 1})"
+    return message
+
+
+def config_errors(config: dict) -> list[str]:
+    """What makes a config that its schema accepts (defaults filled in) impossible to train, one
+    message per broken rule, each naming its keys and their values."""
+    return model_shape_errors(config["model"]) + [
+        error for stage in TRAINING_STAGES for error in stage_errors(stage, config[stage], config["model"])]
+
+
+def model_shape_errors(model: dict) -> list[str]:
+    """The attention heads split the hidden size, the key-value heads are shared by equal groups
+    of heads, and RoPE rotates pairs of a head's dimensions."""
+    hidden, heads, kv_heads = model["hidden_size"], model["num_attention_heads"], model["num_key_value_heads"]
+    errors = []
+    if hidden % heads:
+        errors.append(f"model.hidden_size ({hidden}) must be divisible by model.num_attention_heads ({heads})")
+    elif hidden // heads % 2:
+        errors.append(f"model.hidden_size / model.num_attention_heads ({hidden} / {heads} = {hidden // heads}) "
+                      "is the size of an attention head, which must be even: RoPE rotates pairs of its dimensions")
+    if heads % kv_heads:
+        errors.append(f"model.num_attention_heads ({heads}) must be divisible by "
+                      f"model.num_key_value_heads ({kv_heads})")
+    return errors
+
+
+def stage_errors(stage: str, settings: dict, model: dict) -> list[str]:
+    """A training stage's windows fit the model's context (positions past it have no RoPE table
+    and were never trained), and its batch splits evenly over processes and micro-batches."""
+    errors = []
+    seq_len, context = settings["seq_len"], model["max_position_embeddings"]
+    if seq_len > context:
+        errors.append(f"{stage}.seq_len ({seq_len}) must not exceed model.max_position_embeddings ({context}), "
+                      "the model's context window")
+    batch, micro, nproc, nodes = (settings[k] for k in ("global_batch", "micro_batch", "nproc", "nodes"))
+    if batch % (micro * nproc * nodes):
+        errors.append(f"{stage}.global_batch ({batch}) must be divisible by {stage}.micro_batch × {stage}.nproc × "
+                      f"{stage}.nodes ({micro} × {nproc} × {nodes} = {micro * nproc * nodes})")
+    return errors
