@@ -1,12 +1,15 @@
-"""Eval: metrics, bits per character, preference accuracy, multiple choice, idiom choice set, report."""
+"""Eval: metrics, looping answers, bits per character, preference and implicit-reward accuracy, multiple choice,
+idiom choice set, report and summary."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn as nn
@@ -21,22 +24,31 @@ from zhlm.eval import (
     evaluate_model,
     evaluate_tasks,
     exact_match,
+    implicit_reward_accuracy,
+    loop_unit,
+    looping_share,
     normalize_answer,
     polarity_label,
     preference_accuracy,
     read_choice_csv,
     segmentation_f1,
+    summary,
     task_of,
     unigram_bpc,
     write_report,
 )
 from zhlm.eval.choice import LETTERS, answer_logps, choice_scores, letter_prompt
+from zhlm.eval.report import delta_table
 from zhlm.eval.run import _text_budget
 from zhlm.eval.tasks import score_task
+from zhlm.io import write_json, write_parquet
 from zhlm.model import LlamaForCausalLM, ModelConfig, save_model
 from zhlm.tokenizer.bpe import build_from_texts, save_tokenizer
 from zhlm.tokenizer.chat import EOT, IGNORE, encode_chat
+from zhlm.tokenizer.conversations import tokenize_dpo
+from zhlm.train.dpo import open_pairs, reward_metrics, with_reference
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "ceval_sample.csv"
 
 TEXTS = [
@@ -119,10 +131,38 @@ def test_task_of():
 def test_score_task_by_hand():
     items = [{"answer": "正面", "reference": "正面"}, {"answer": "我觉得是负面", "reference": "正面"},
              {"answer": "嗯", "reference": "负面"}, {"answer": "负面。", "reference": "负面"}]
-    assert score_task("polarity", items) == {"n": 4, "accuracy": 0.5, "no_label": 0.25}
+    assert score_task("polarity", items) == {"n": 4, "looping": 0.0, "accuracy": 0.5, "no_label": 0.25}
     seg = [{"answer": "我 爱 北京", "reference": "我 爱 北京"}, {"answer": "天安门", "reference": "天 安门"}]
     out = score_task("segmentation", seg)  # micro: 3 right of 4 predicted, 5 gold
     assert (out["precision"], out["recall"], out["exact_match"]) == (0.75, 0.6, 0.5)
+
+
+# --- looping answers -------------------------------------------------------------
+
+def test_loop_unit_finds_loops():
+    assert loop_unit("你" * 20) == "你"
+    assert loop_unit("有此" * 10) == "有此"
+    assert loop_unit("王 " * 10) == "王"                       # whitespace ignored
+    assert loop_unit("我喜欢这本书。" * 3) == "我喜欢这本书。"  # a sentence, three times
+    # A loop after a normal start, cut in the middle of a unit at the token limit.
+    assert loop_unit("这家酒店的服务很好，" + "非常好" * 5 + "非") == "非常好"
+    assert loop_unit("答案是：" + "对" * 10 + "。谢谢。") == "对"  # a loop that ends
+    assert loop_unit("对" * 10) == "对"                         # the shortest loop that counts
+
+
+def test_loop_unit_leaves_natural_repeats():
+    for text in ("谢谢谢谢你的帮助。", "哈哈哈哈哈，太好笑了！", "天天向上，好好学习。",
+                 "他说：“好好好，我知道了。”", "春天来了，春天来了，花都开了。", "我 爱 北京 天安门",
+                 "一年有四个季节：春夏秋冬。春天温暖，夏天炎热，秋天凉爽，冬天寒冷。", "zhāo sān mù sì", "", None):
+        assert loop_unit(text) is None, text
+    assert loop_unit("对" * 9) is None                              # too short
+    assert loop_unit("有此" * 4) is None                            # 8 characters
+    assert loop_unit("甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午" * 3) is None   # a unit longer than 16
+
+
+def test_looping_share():
+    assert looping_share(["你" * 20, "北京。", "有此" * 10, "谢谢谢谢"]) == 0.5
+    assert looping_share([]) is None
 
 
 def test_evaluate_tasks_runs_and_limits(model, tokenizer):
@@ -180,6 +220,72 @@ def test_preference_accuracy_flips_when_swapped(model, tokenizer):
     assert out["n"] == 3
     assert swapped["accuracy"] == pytest.approx(1 - out["accuracy"])
     assert swapped["mean_margin"] == pytest.approx(-out["mean_margin"], abs=1e-4)
+
+
+# --- DPO implicit reward ---------------------------------------------------------
+
+PAIRS = [{"id": "p1", "prompt": "中国的首都是哪里？", "chosen": "北京。", "rejected": "我不知道这个问题的答案。"},
+         {"id": "p2", "prompt": "评论：很好", "chosen": "正面", "rejected": "负面"},
+         {"id": "p3", "prompt": "一年有几个季节？", "chosen": "四个季节：春夏秋冬。", "rejected": "三个"},
+         {"id": "p4", "prompt": "长江流入哪里？", "chosen": "长江最终流入东海。", "rejected": "流入黄河",
+          "system": "你是一个地理老师。",
+          "history": json.dumps([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}],
+                                ensure_ascii=False)}]
+
+
+def other_model(tokenizer, seed):
+    """A second random model of the fixture model's shape: a policy that differs from the reference."""
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, initializer_range=0.2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_implicit_reward_of_the_reference_itself_is_zero(model, tokenizer):
+    out = implicit_reward_accuracy(model, model, tokenizer, PAIRS, beta=0.1, batch_size=3)
+    assert out["n"] == 4 and out["beta"] == 0.1
+    assert out["accuracy"] == 0.0 and out["mean_margin"] == 0.0  # a tie is not a win
+
+
+def test_implicit_reward_of_a_policy_made_to_prefer_chosen(model, tokenizer):
+    """Tokens only the chosen answers have, made likely: every chosen answer gains, every rejected one loses."""
+    def ids(text):
+        return set(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    rejected = set().union(*(ids(p["rejected"]) for p in PAIRS))
+    chosen_only = set().union(*(ids(p["chosen"]) for p in PAIRS)) - rejected
+    assert all(ids(p["chosen"]) & chosen_only for p in PAIRS)
+    policy = Rigged(model, chosen_only, bonus=10.0)
+    out = implicit_reward_accuracy(policy, model, tokenizer, PAIRS, beta=0.1)
+    assert out["accuracy"] == 1.0 and out["mean_margin"] > 0
+    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in PAIRS]
+    back = implicit_reward_accuracy(policy, model, tokenizer, swapped, beta=0.1)
+    assert back["accuracy"] == 0.0 and back["mean_margin"] == pytest.approx(-out["mean_margin"])
+    # β scales the margin and leaves the accuracy.
+    assert implicit_reward_accuracy(policy, model, tokenizer, PAIRS, beta=0.3)["mean_margin"] == pytest.approx(
+        3 * out["mean_margin"])
+
+
+@pytest.mark.parametrize("seq_len", [None, 32], ids=["whole", "cut"])
+def test_implicit_reward_equals_dpo_training_own(model, tokenizer, tmp_path, seq_len):
+    """The eval encodes, cuts and scores the pairs as DPO does: tokenize_dpo's token files, DPO's
+    reference log-probs and its held-out reward metrics give the same accuracy and margin.
+    With seq_len 32 most answers are cut part way, and p4's, behind its system prompt and history, entirely."""
+    save_tokenizer(tokenizer, tmp_path / "tokenizer")
+    rows = [{"source": "test", "system": None, "history": None, **p, "split": "eval"} for p in PAIRS]
+    write_parquet(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    meta = tokenize_dpo([tmp_path / "pairs.parquet"], [], tmp_path / "tokenizer/tokenizer.json", tmp_path / "tokens")
+    assert meta["eval"]["pairs"] == 4
+    policy, beta = other_model(tokenizer, seed=1), 0.5
+    max_len = None if seq_len is None else seq_len + 1
+    pairs = open_pairs(tmp_path / "tokens", "eval", max_len or 10_000, meta["dtype"])
+    pad = model.config.pad_token_id
+    dpo = reward_metrics(policy, with_reference(model, pairs, pad), beta, pad)
+    ours = implicit_reward_accuracy(policy, model, tokenizer, PAIRS, beta=beta, max_len=max_len)
+    assert ours["accuracy"] == dpo["val_reward_accuracy"]
+    assert ours["mean_margin"] == pytest.approx(dpo["val_reward_margin"], abs=1e-5)
+    assert 0 < ours["accuracy"] < 1  # the policy wins some pairs, not all: the pairs are told apart
 
 
 # --- multiple choice -------------------------------------------------------------
@@ -261,15 +367,22 @@ def test_evaluate_model_and_report(model, tokenizer, tmp_path):
     pairs = [{"id": "p1", "prompt": "你好", "chosen": "你好！", "rejected": "嗯"}]
     settings = {"max_new_tokens": 4, "sample_max_new_tokens": 4, "max_bpc_chars": 60, "batch_size": 8}
     results = {}
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "dpo"):
+        # "dpo" here is the same model with itself as the reference.
         results[stage] = evaluate_model(
             tmp_path / "sft", stage=stage, val_texts=TEXTS, train_texts_for_baseline=TEXTS[::-1], task_rows=rows,
-            pairs=pairs, choice_sets={"ceval_sample": read_choice_csv(FIXTURE)}, seq_len=32, settings=settings)
+            pairs=pairs, choice_sets={"ceval_sample": read_choice_csv(FIXTURE)}, seq_len=32, settings=settings,
+            reference_dir=tmp_path / "sft" if stage == "dpo" else None, dpo_settings={"beta": 0.2, "seq_len": 64})
     json.dumps(results)
     assert "tasks" not in results["pretrain"] and results["pretrain"]["bpc"]["chars"] <= 60 + 5
-    sft = results["sft"]
+    assert "looping" not in results["pretrain"]
+    sft, dpo = results["sft"], results["dpo"]
     assert set(sft["tasks"]) == {"polarity", "segmentation"} and sft["choice"]["ceval_sample"]["n"] == 8
     assert len(sft["samples"]) == 6 + 2 and sft["preference"]["n"] == 1
+    assert {k: v["n"] for k, v in sft["looping"].items()} == {"tasks": 2, "samples": 8, "all": 10}
+    assert "implicit_reward" not in sft and dpo["preference"] == sft["preference"]
+    assert dpo["implicit_reward"] == {"n": 1, "beta": 0.2, "accuracy": 0.0, "mean_margin": 0.0}
+    assert summary(results)["dpo.implicit_reward.accuracy"] == 0.0
 
     plot = tmp_path / "sft" / "loss.png"
     plot.write_bytes(b"png")
@@ -277,8 +390,80 @@ def test_evaluate_model_and_report(model, tokenizer, tmp_path):
     write_report(results, out, loss_plots={"sft": plot})
     text = out.read_text(encoding="utf-8")
     for needle in ("pretrain", "sft", "unigram baseline", f"{sft['bpc']['bpc']:.3f}", "segmentation",
-                   "ceval_sample", "你好，请介绍一下你自己。", "](../sft/loss.png)"):
+                   "ceval_sample", "你好，请介绍一下你自己。", "](../sft/loss.png)", "## Stage by stage",
+                   "## Looping answers", "implicit-reward acc."):
         assert needle in text
+
+
+RESULTS = {  # the parts of three stages' eval results that the summary reads
+    "pretrain": {"bpc": {"bpc": 6.06, "tokens": 100, "chars": 200}},
+    "sft": {"bpc": {"bpc": 6.87, "tokens": 100, "chars": 200},
+            "tasks": {"polarity": {"n": 10, "accuracy": 0.7, "no_label": 0.1, "looping": 0.0},
+                      "origin": {"n": 10, "char_f1": 0.093, "exact_match": 0.0, "looping": 0.1}},
+            "looping": {"all": {"n": 28, "share": 0.05}, "tasks": {"n": 20, "share": 0.05},
+                        "samples": {"n": 8, "share": 0.0}},
+            "preference": {"n": 5, "accuracy": 0.24, "mean_margin": -3.0},
+            "choice": {"idioms": {"n": 8, "letter_accuracy": 0.25, "cloze_accuracy": 0.5}}},
+    "dpo": {"bpc": {"bpc": 6.9, "tokens": 100, "chars": 200},
+            "tasks": {"polarity": {"n": 10, "accuracy": 0.6, "no_label": 0.2, "looping": 0.3},
+                      "origin": {"n": 10, "char_f1": 0.045, "exact_match": 0.0, "looping": 0.5}},
+            "looping": {"all": {"n": 28, "share": 0.5}, "tasks": {"n": 20, "share": 0.4},
+                        "samples": {"n": 8, "share": 0.75}},
+            "preference": {"n": 5, "accuracy": 0.35, "mean_margin": -1.0},
+            "implicit_reward": {"n": 5, "beta": 0.1, "accuracy": 0.8, "mean_margin": 0.25},
+            "choice": {"idioms": {"n": 8, "letter_accuracy": 0.375, "cloze_accuracy": 0.5}}},
+}
+
+
+def test_summary_is_flat_headline_numbers():
+    flat = summary(RESULTS)
+    assert json.loads(json.dumps(flat)) == flat
+    assert {k: v for k, v in flat.items() if not k.startswith("dpo.")} == {
+        "pretrain.bpc": 6.06, "sft.bpc": 6.87,
+        "sft.polarity.accuracy": 0.7, "sft.polarity.no_label": 0.1, "sft.polarity.looping": 0.0,
+        "sft.origin.char_f1": 0.093, "sft.origin.exact_match": 0.0, "sft.origin.looping": 0.1,
+        "sft.looping": 0.05, "sft.samples.looping": 0.0,
+        "sft.preference.accuracy": 0.24, "sft.preference.mean_margin": -3.0,
+        "sft.choice.idioms.letter_accuracy": 0.25, "sft.choice.idioms.cloze_accuracy": 0.5}
+    assert flat["dpo.implicit_reward.accuracy"] == 0.8 and flat["dpo.implicit_reward.mean_margin"] == 0.25
+    assert flat["dpo.looping"] == 0.5 and flat["dpo.origin.looping"] == 0.5
+
+
+def test_report_shows_each_stage_beside_the_previous(tmp_path):
+    out = tmp_path / "report.md"
+    write_report(RESULTS, out)
+    text = out.read_text(encoding="utf-8")
+    stages = text.split("## Stage by stage")[1].split("\n## ")[0]
+    assert "| metric | pretrain | sft | Δ | dpo | Δ |" in stages
+    assert "| bpc | 6.060 | 6.870 | +0.810 | 6.900 | +0.030 |" in stages
+    assert "| origin.char_f1 | – | 0.093 | – | 0.045 | -0.048 |" in stages        # pretrain answers nothing
+    assert "| implicit_reward.accuracy | – | – | – | 0.800 | – |" in stages
+    assert "| looping | – | 0.050 | – | 0.500 | +0.450 |" in stages
+    assert "| choice.idioms.letter_accuracy | – | 0.250 | – | 0.375 | +0.125 |" in stages
+    looping = text.split("## Looping answers")[1].split("\n## ")[0]
+    assert "| sample answers | 0.000 | 0.750 | +0.750 |" in looping and "| origin | 0.100 | 0.500 | +0.400 |" in looping
+
+
+def test_delta_table_compares_each_column_with_the_one_before():
+    lines = delta_table({"a": {"x": 1.0, "y": 2.0}, "b": {"x": 1.5, "z": 0.0021},
+                         "c": {"x": 1.25, "y": 3.0, "z": 0.0017}})
+    assert lines[:2] == ["| metric | a | b | Δ | c | Δ |", "|---|---|---|---|---|---|"]
+    assert lines[2:5] == ["| x | 1.000 | 1.500 | +0.500 | 1.250 | -0.250 |", "| y | 2.000 | – | – | 3.000 | – |",
+                          "| z | – | 0.002 | – | 0.002 | +0.000 |"]  # never "-0.000"
+
+
+def test_compare_eval_prints_summaries_side_by_side(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("compare_eval", REPO / "benchmarks/compare_eval.py")
+    compare_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_eval)
+    write_json({"sft.bpc": 6.87, "dpo.looping": 0.5}, tmp_path / "before.json")
+    write_json({"sft.bpc": 6.5, "dpo.looping": 0.02, "dpo.implicit_reward.accuracy": 0.93}, tmp_path / "after.json")
+    compare_eval.main([str(tmp_path / "before.json"), str(tmp_path / "after.json")])
+    printed = capsys.readouterr().out
+    assert f"| metric | {tmp_path / 'before.json'} | {tmp_path / 'after.json'} | Δ |" in printed
+    assert "| sft.bpc | 6.870 | 6.500 | -0.370 |" in printed
+    assert "| dpo.looping | 0.500 | 0.020 | -0.480 |" in printed
+    assert "| dpo.implicit_reward.accuracy | – | 0.930 | – |" in printed
 
 
 def test_text_budget_streams_the_same_texts_as_sorting_all_of_them():

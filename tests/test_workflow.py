@@ -483,9 +483,17 @@ def test_eval_scores_every_stage_and_writes_the_report(dag):
             # The idiom choice set is scored on held-out idioms only.
             held_out = {item_key(r["id"]) for r in split_rows(dag, "pretrain", "val")}
             assert 0 < result["choice"]["demo_idiom_choice"]["n"] <= len(held_out)
+            assert result["looping"]["all"]["n"] > 0
+    # DPO's implicit reward, against the SFT model, on the same pairs as the preference accuracy.
+    assert "implicit_reward" not in stats(results / "sft.json")
+    dpo = stats(results / "dpo.json")
+    assert dpo["implicit_reward"]["n"] == dpo["preference"]["n"]
     report = (results / "report.md").read_text()
     for stage in ("pretrain", "sft", "dpo"):
         assert stage in report
+    summary = stats(results / "summary.json")
+    assert summary["pretrain.bpc"] == stats(results / "pretrain.json")["bpc"]["bpc"]
+    assert "dpo.implicit_reward.accuracy" in summary and "dpo.looping" in summary
 
 
 # --- the same DAG through SLURM ----------------------------------------------

@@ -125,7 +125,8 @@ def training_resources(stage):
 
 
 def eval_inputs(wildcards):
-    """What a stage is scored on: held-out text for all; tasks, pairs and choice sets after SFT."""
+    """What a stage is scored on: held-out text for all; tasks, pairs and choice sets after SFT;
+    and for DPO the SFT model, its reference."""
     inputs = {"model": model_folder(wildcards.stage), "val": split_files("pretrain", "val"),
               "train": split_files("pretrain", "train")}
     if wildcards.stage != "pretrain":
@@ -133,6 +134,8 @@ def eval_inputs(wildcards):
         inputs["pairs"] = ["results/rollouts/pairs.parquet"] + (
             split_files("dpo", "eval") if sources_of("dpo") else [])
         inputs["choice"] = [f"results/clean/{s}.parquet" for s in sources_of("choice")]
+    if wildcards.stage == "dpo":  # the reference of DPO's implicit reward
+        inputs["reference"] = model_folder("sft")
     return inputs
 
 

@@ -14,6 +14,9 @@ rule eval_stage:
         holdout=config["split"]["holdout"],
         seq_len=config["pretrain"]["seq_len"],
         settings=config["eval"],
+        # DPO's reference (the SFT model) and the DPO settings the pairs are scored with.
+        reference_dir=lambda w, input: folder(input.reference) if input.get("reference") else None,
+        dpo_settings=lambda w: {k: config["dpo"][k] for k in ("beta", "seq_len")} if w.stage != "pretrain" else {},
     threads: workflow.cores
     resources:
         gpu=gpus("eval"),
@@ -32,7 +35,8 @@ rule report:
         results=expand("results/eval/{stage}.json", stage=["pretrain", "sft", "dpo"]),
         plots=expand("results/{stage}/loss.png", stage=["pretrain", "sft", "dpo"]),
     output:
-        report("results/eval/report.md", category="Eval", caption="../report/eval.rst"),
+        md=report("results/eval/report.md", category="Eval", caption="../report/eval.rst"),
+        summary="results/eval/summary.json",
     log:
         "results/logs/eval/report.log",
     benchmark:

@@ -11,6 +11,7 @@ result = evaluate_files(
     task_files=inputs.get("tasks", []), pair_files=inputs.get("pairs", []),
     choice_files={Path(path).stem: (path, p.choice_heldout_only[Path(path).stem])
                      for path in inputs.get("choice", [])},
-    holdout=p.holdout, seq_len=p.seq_len, settings=p.settings)
+    holdout=p.holdout, seq_len=p.seq_len, settings=p.settings, reference_dir=p.reference_dir,
+    dpo_settings=p.dpo_settings)
 write_json(result, snakemake.output[0])
 log.info("%s: bpc %.3f", snakemake.wildcards.stage, result["bpc"]["bpc"])

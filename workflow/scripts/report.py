@@ -1,9 +1,11 @@
-"""Write the eval report (Markdown) from the stages' eval results and loss curves."""
+"""Write the eval report (Markdown) and the run's headline numbers (summary.json) from the
+stages' eval results and loss curves."""
 from pathlib import Path
 
-from zhlm.eval.report import write_report
-from zhlm.io import read_json, setup_logging
+from zhlm.eval.report import summary, write_report
+from zhlm.io import read_json, setup_logging, write_json
 
 setup_logging(snakemake.log[0])
-write_report({Path(p).stem: read_json(p) for p in snakemake.input.results}, snakemake.output[0],
-             loss_plots={Path(p).parent.name: p for p in snakemake.input.plots})
+results = {Path(p).stem: read_json(p) for p in snakemake.input.results}
+write_report(results, snakemake.output.md, loss_plots={Path(p).parent.name: p for p in snakemake.input.plots})
+write_json(summary(results), snakemake.output.summary)

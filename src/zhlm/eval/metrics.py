@@ -1,4 +1,4 @@
-"""Answer metrics: exact match, character F1, word segmentation F1, polarity labels.
+"""Answer metrics: exact match, character F1, word segmentation F1, polarity labels, loops.
 
 Chinese answers have no natural word boundaries, so overlap is counted over
 characters (as in CMRC / DuReader), not over whitespace tokens.
@@ -85,3 +85,37 @@ def polarity_label(text: str) -> str | None:
     text = normalize_answer(text)
     found = [(text.find(label), label) for label in POLARITY_LABELS if label in text]
     return min(found)[1] if found else None
+
+
+# A loop: a unit of at most LOOP_MAX_PERIOD characters repeated back-to-back at least
+# LOOP_MIN_REPEATS times, over at least LOOP_MIN_CHARS characters. The character floor keeps
+# natural doubling (谢谢谢谢, 哈哈哈哈哈) out; greedy loops run on to the token limit, far past it.
+LOOP_MAX_PERIOD = 16
+LOOP_MIN_REPEATS = 3
+LOOP_MIN_CHARS = 10
+
+
+def loop_unit(text: str | None) -> str | None:
+    """The unit the answer loops on, or None when it does not loop.
+
+    Whitespace is ignored (so "王 王 王 …" loops on 王). The answer loops when some run of
+    characters repeats itself with a period p of 1 to LOOP_MAX_PERIOD (every character of the
+    run equals the one p before it) over at least max(LOOP_MIN_REPEATS·p, LOOP_MIN_CHARS)
+    characters; the run may end in part of a unit, as an answer cut at the token limit does.
+    The shortest such period wins, so 你你你… gives 你, not 你你.
+    """
+    chars = "".join((text or "").split())
+    for period in range(1, LOOP_MAX_PERIOD + 1):
+        needed = max(LOOP_MIN_REPEATS * period, LOOP_MIN_CHARS)
+        run = 0  # characters in a row equal to the one `period` before them
+        for i in range(period, len(chars)):
+            run = run + 1 if chars[i] == chars[i - period] else 0
+            if run + period >= needed:
+                start = i + 1 - run - period
+                return chars[start:start + period]
+    return None
+
+
+def looping_share(answers: list[str]) -> float | None:
+    """Share of the answers that loop (loop_unit); None for no answers."""
+    return sum(loop_unit(a) is not None for a in answers) / len(answers) if answers else None

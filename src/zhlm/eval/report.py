@@ -1,10 +1,12 @@
-"""The Markdown report: every stage's results side by side."""
+"""The Markdown report: every stage's results side by side, each beside the stage before it;
+and the run's headline numbers as one flat dict (summary.json), which runs compare by."""
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
 
+from zhlm.eval.metrics import LOOP_MAX_PERIOD, LOOP_MIN_CHARS, LOOP_MIN_REPEATS
 from zhlm.io import atomic_path
 
 # The headline metrics of each task, in the order they are shown.
@@ -17,6 +19,13 @@ TASK_METRICS = {
     "example": ("char_f1", "exact_match"),
     "other": ("char_f1", "exact_match"),
 }
+FREE_TEXT_METRICS = TASK_METRICS["other"]  # a task not listed is scored as free text
+
+
+def _by_task_order(tasks) -> list[str]:
+    """Tasks in TASK_METRICS' order, any other after them."""
+    order = list(TASK_METRICS)
+    return sorted(tasks, key=lambda t: order.index(t) if t in order else len(order))
 
 
 _BREAKS = re.compile(r"\s*[\r\n]\s*")
@@ -36,11 +45,82 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
+def _delta(before, after) -> str | None:
+    """after − before, signed; None when either is missing."""
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
+        return None
+    return f"{round(after - before, 3) or 0.0:+.3f}"  # no "-0.000" for a difference that rounds away
+
+
+def delta_table(columns: dict[str, dict[str, float]], label: str = "metric") -> list[str]:
+    """A table of metrics (rows, in order of first appearance) by column, each column after the
+    first followed by Δ: its value minus the previous column's (– where either is missing)."""
+    names = list(columns)
+    metrics = list(dict.fromkeys(m for values in columns.values() for m in values))
+    header = [label, names[0]] + [h for name in names[1:] for h in (name, "Δ")]
+    rows = []
+    for metric in metrics:
+        values = [columns[name].get(metric) for name in names]
+        rows.append([metric, values[0], *[v for before, after in zip(values, values[1:])
+                                          for v in (after, _delta(before, after))]])
+    return _table(header, rows)
+
+
+def summary(results: dict[str, dict]) -> dict[str, float]:
+    """The headline numbers of a run, flat: {"stage.metric": value}, stages in the results' order.
+
+    Per stage, where it has them: bpc; each task's metrics (TASK_METRICS) and its looping share
+    (`task.metric`); the looping share of all generated answers (`looping`) and of the sample
+    answers (`samples.looping`); preference and implicit-reward accuracy and mean margin; and
+    each choice set's letter and cloze accuracy (`choice.set.letter_accuracy`).
+    """
+    out: dict[str, float] = {}
+    for stage, r in results.items():
+        values: dict[str, float | None] = {}
+        if "bpc" in r:
+            values["bpc"] = r["bpc"]["bpc"]
+        tasks = r.get("tasks") or {}
+        for task in _by_task_order(tasks):
+            for metric in (*TASK_METRICS.get(task, FREE_TEXT_METRICS), "looping"):
+                values[f"{task}.{metric}"] = tasks[task].get(metric)
+        if r.get("looping"):
+            values["looping"] = r["looping"]["all"]["share"]
+            values["samples.looping"] = r["looping"]["samples"]["share"]
+        for name in ("preference", "implicit_reward"):
+            for metric in ("accuracy", "mean_margin"):
+                values[f"{name}.{metric}"] = (r.get(name) or {}).get(metric)
+        for name, c in (r.get("choice") or {}).items():
+            for metric in ("letter_accuracy", "cloze_accuracy"):
+                values[f"choice.{name}.{metric}"] = c.get(metric)
+        out |= {f"{stage}.{key}": value for key, value in values.items() if value is not None}
+    return out
+
+
+def by_stage(flat: dict[str, float]) -> dict[str, dict[str, float]]:
+    """A summary's numbers by stage: {"sft.bpc": x} -> {"sft": {"bpc": x}} (stage names hold no dot)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        stage, _, metric = key.partition(".")
+        out.setdefault(stage, {})[metric] = value
+    return out
+
+
 def _cell(text: str | None, limit: int = 300) -> str:
     """One line of text that cannot break a Markdown table or block."""
     # A run of line breaks shows as one ⏎: enough to see the shape of the answer.
     text = _BREAKS.sub(" ⏎ ", (text or "").strip()).replace("|", "\\|")
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _stages_section(results: dict) -> list[str]:
+    columns = by_stage(summary(results))
+    if not columns:
+        return []
+    return ["## Stage by stage", "",
+            "What each stage bought: the headline numbers of every stage (as in summary.json), each "
+            "stage beside the one before it; Δ is this stage minus the previous one. Lower is better for "
+            "bpc and looping, higher for the rest.", "",
+            *delta_table(columns)]
 
 
 def _bpc_section(results: dict) -> list[str]:
@@ -64,12 +144,11 @@ def _task_section(results: dict) -> list[str]:
     stages = [s for s, r in results.items() if r.get("tasks")]
     if not stages:
         return []
-    tasks = sorted({t for s in stages for t in results[s]["tasks"]},
-                   key=lambda t: list(TASK_METRICS).index(t) if t in TASK_METRICS else len(TASK_METRICS))
+    tasks = _by_task_order({t for s in stages for t in results[s]["tasks"]})
     rows = []
     for task in tasks:
         n = {s: results[s]["tasks"].get(task, {}).get("n") for s in stages}
-        for metric in TASK_METRICS.get(task, ("char_f1", "exact_match")):
+        for metric in TASK_METRICS.get(task, FREE_TEXT_METRICS):
             rows.append([task, metric, *[results[s]["tasks"].get(task, {}).get(metric) for s in stages],
                          "/".join(_fmt(n[s]) for s in stages)])
     return ["## Held-out tasks", "",
@@ -79,15 +158,46 @@ def _task_section(results: dict) -> list[str]:
             *_table(["task", "metric", *stages, "n"], rows)]
 
 
+def _looping_section(results: dict) -> list[str]:
+    columns, counts = {}, []
+    for stage, r in results.items():
+        if r.get("looping"):
+            groups, tasks = r["looping"], r.get("tasks") or {}
+            columns[stage] = {"all answers": groups["all"]["share"], "task answers": groups["tasks"]["share"],
+                              "sample answers": groups["samples"]["share"],
+                              **{task: tasks[task].get("looping") for task in _by_task_order(tasks)}}
+            counts.append(f"{stage} {groups['all']['n']} ({groups['tasks']['n']} task, "
+                          f"{groups['samples']['n']} sample)")
+    if not columns:
+        return []
+    return ["## Looping answers", "",
+            "Share of the generated answers (held-out task answers and sample answers) that fall into a "
+            f"loop: ignoring whitespace, a unit of 1 to {LOOP_MAX_PERIOD} characters repeated back-to-back "
+            f"at least {LOOP_MIN_REPEATS} times over at least {LOOP_MIN_CHARS} characters (你你你你你…, "
+            "有此有此有此…; 谢谢谢谢 is not a loop). Lower is better; Δ is this stage minus the previous one. "
+            "Answers: " + "; ".join(counts) + " (a task's count is its n under Held-out tasks).", "",
+            *delta_table(columns, "answers")]
+
+
 def _preference_section(results: dict) -> list[str]:
     rows = [[s, r["preference"].get("n"), r["preference"].get("accuracy"), r["preference"].get("mean_margin")]
             for s, r in results.items() if r.get("preference")]
     if not rows:
         return []
-    return ["## Preference accuracy (held-out DPO pairs)", "",
-            "Share of pairs where the model gives the reference answer a higher log-probability than "
-            "the SFT model's own rollout; margin in nats.", "",
-            *_table(["model", "n", "accuracy", "mean margin"], rows)]
+    lines = ["## Preference accuracy (held-out DPO pairs)", "",
+             "Share of pairs where the model gives the reference answer a higher log-probability than "
+             "the SFT model's own rollout; margin in nats. Pairs are encoded and cut as DPO reads them.", "",
+             *_table(["model", "n", "accuracy", "mean margin"], rows)]
+    rewards = [[s, r["implicit_reward"].get("n"), r["implicit_reward"].get("beta"),
+                r["implicit_reward"].get("accuracy"), r["implicit_reward"].get("mean_margin")]
+               for s, r in results.items() if r.get("implicit_reward")]
+    if rewards:
+        lines += ["DPO implicit-reward accuracy: the share of the same pairs where "
+                  "β·[(log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log π_ref(rejected))] > 0, "
+                  "the reference π_ref being the SFT model, exactly as DPO's loss scores them; the mean "
+                  "of that margin. A tie is not a win (the SFT model against itself scores 0).", "",
+                  *_table(["model", "n", "β", "implicit-reward acc.", "mean reward margin"], rewards)]
+    return lines
 
 
 def _choice_section(results: dict) -> list[str]:
@@ -134,7 +244,8 @@ def write_report(results: dict[str, dict], out_md: str | os.PathLike, *,
     """Write the report (atomically); images are linked relative to the report's folder."""
     out_md = Path(out_md)
     lines = [f"# {title}", "", "Stages: " + ", ".join(results) + ".", ""]
-    for section in (_bpc_section, _task_section, _preference_section, _choice_section, _samples_section):
+    for section in (_stages_section, _bpc_section, _task_section, _looping_section, _preference_section,
+                    _choice_section, _samples_section):
         lines += section(results)
     if loss_plots:
         lines += ["## Loss curves", ""]

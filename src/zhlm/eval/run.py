@@ -2,7 +2,9 @@
 
 pretrain: bits per character only (a base model does not follow prompts).
 sft, dpo: bits per character, held-out task metrics, preference accuracy,
-multiple choice, and sample answers to a fixed set of prompts.
+multiple choice, sample answers to a fixed set of prompts, and the share of the
+generated answers that loop; with a reference model (dpo: the SFT model), DPO's
+implicit-reward accuracy on the held-out pairs.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ from tokenizers import Tokenizer
 from zhlm.data.split import split_point
 from zhlm.eval.bpc import evaluate_bpc, unigram_bpc
 from zhlm.eval.choice import choice_accuracy
-from zhlm.eval.preference import preference_accuracy
+from zhlm.eval.metrics import looping_share
+from zhlm.eval.preference import encode_pairs, implicit_reward_summary, pair_logps, preference_summary
 from zhlm.eval.tasks import answer_prompts, evaluate_tasks, select_rows
 from zhlm.inference import load
 from zhlm.io import read_parquets
 from zhlm.tokenizer.word_counts import iter_parquet_texts
+from zhlm.train.loop import TrainConfig
 
 SAMPLE_PROMPTS = (
     "你好，请介绍一下你自己。",
@@ -94,15 +98,28 @@ def sample_answers(model, tokenizer: Tokenizer, task_rows: list[dict] | None, *,
     return [{**s, "answer": a} for s, a in zip(samples, answers)]
 
 
+def looping_summary(task_answers: list[dict], samples: list[dict]) -> dict:
+    """The share of generated answers that loop (zhlm.eval.metrics.loop_unit), with their count:
+    of the held-out task answers, of the sample answers, and of all of them together."""
+    groups = {"tasks": [a["answer"] for a in task_answers],
+              "samples": [s["answer"] for s in samples if s["answer"] is not None]}
+    groups["all"] = groups["tasks"] + groups["samples"]
+    return {name: {"n": len(answers), "share": looping_share(answers)} for name, answers in groups.items()}
+
+
 def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: Iterable[str],
                    train_texts_for_baseline: Iterable[str] | None = None, task_rows: list[dict] | None = None,
                    pairs: list[dict] | None = None, choice_sets: dict[str, list[dict]] | None = None,
-                   seq_len: int, settings: dict | None = None) -> dict:
+                   seq_len: int, settings: dict | None = None, reference_dir: str | os.PathLike | None = None,
+                   dpo_settings: dict | None = None) -> dict:
     """Run every evaluation that applies to `stage` on the model folder `model_dir`.
 
-    settings: EvalConfig fields; those left out take its defaults.
+    settings: EvalConfig fields; those left out take its defaults. reference_dir: the model
+    DPO started from, for the implicit reward. dpo_settings: the DPO stage's TrainConfig fields
+    (its beta, and its seq_len, which cuts the pairs as DPO cut them).
     """
     s = EvalConfig(**(settings or {}))
+    dpo = TrainConfig(**(dpo_settings or {}))
     lm = load(model_dir, s.device)
     model, tokenizer = lm.model, lm.tokenizer
     # Windows longer than the context would score positions the model never trained on.
@@ -131,8 +148,13 @@ def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: Itera
             per_task_limit=s.max_task_items))
         result["tasks"], result["task_answers"] = metrics, answers
     if pairs:
-        result["preference"] = timed("preference", lambda: preference_accuracy(
-            model, tokenizer, _first(pairs, s.max_pairs), batch_size=bs))
+        # DPO reads each conversation's first seq_len + 1 tokens (zhlm.train.dpo.run).
+        encoded = encode_pairs(tokenizer, _first(pairs, s.max_pairs), dpo.seq_len + 1)
+        logps = timed("preference", lambda: pair_logps(model, tokenizer, encoded, batch_size=bs))
+        result["preference"] = preference_summary(logps)
+        if reference_dir is not None:
+            result["implicit_reward"] = timed("implicit_reward", lambda: implicit_reward_summary(
+                logps, reference_logps(reference_dir, tokenizer, encoded, s), dpo.beta))
     for name, rows in (choice_sets or {}).items():
         subset = _first(rows, s.max_choice)
         result.setdefault("choice", {})[name] = timed(
@@ -140,12 +162,22 @@ def evaluate_model(model_dir: str | os.PathLike, *, stage: str, val_texts: Itera
     result["samples"] = timed("samples", lambda: sample_answers(
         model, tokenizer, task_rows, per_task=s.samples_per_task,
         max_new_tokens=s.sample_max_new_tokens, batch_size=bs))
+    result["looping"] = looping_summary(result.get("task_answers", []), result["samples"])
     return result
+
+
+def reference_logps(reference_dir, tokenizer: Tokenizer, encoded: list[tuple], s: EvalConfig):
+    """The reference model's (n, 2) log-probabilities of the encoded pairs; it must share the tokenizer."""
+    reference = load(reference_dir, s.device)
+    if reference.tokenizer.to_str() != tokenizer.to_str():
+        raise ValueError(f"{reference_dir} has another tokenizer than the model it is the reference of")
+    return pair_logps(reference.model, tokenizer, encoded, batch_size=s.batch_size)
 
 
 def evaluate_files(model_dir, *, stage: str, val_files, train_files=(), task_files=(),
                    pair_files=(), choice_files: dict | None = None, holdout: float = 0.0,
-                   seq_len: int, settings: dict | None = None) -> dict:
+                   seq_len: int, settings: dict | None = None, reference_dir=None,
+                   dpo_settings: dict | None = None) -> dict:
     """evaluate_model on the workflow's files (each a list of parquet files, a split's shards).
 
     Texts are streamed: the held-out text up to its budget, the training text once for the
@@ -163,4 +195,5 @@ def evaluate_files(model_dir, *, stage: str, val_files, train_files=(), task_fil
     return evaluate_model(
         model_dir, stage=stage, val_texts=iter_parquet_texts(val_files, ["text"]),
         train_texts_for_baseline=iter_parquet_texts(train_files, ["text"]) if train_files else None,
-        task_rows=rows(task_files), pairs=pairs, choice_sets=choice_sets, seq_len=seq_len, settings=settings)
+        task_rows=rows(task_files), pairs=pairs, choice_sets=choice_sets, seq_len=seq_len, settings=settings,
+        reference_dir=reference_dir, dpo_settings=dpo_settings)

@@ -9,7 +9,7 @@ import re
 
 from tokenizers import Tokenizer
 
-from zhlm.eval.metrics import char_f1, exact_match, polarity_label, prf, segmentation_counts
+from zhlm.eval.metrics import char_f1, exact_match, looping_share, polarity_label, prf, segmentation_counts
 from zhlm.generate import Sampling, generate
 from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
 
@@ -64,11 +64,13 @@ def _question(row: dict) -> dict:
 
 
 def score_task(task: str, items: list[dict]) -> dict:
-    """Metrics of one task from its answered items (each with answer and reference)."""
+    """Metrics of one task from its answered items (each with answer and reference), and the
+    share of answers that loop (zhlm.eval.metrics.loop_unit)."""
     out: dict = {"n": len(items)}
     if not items:
         return out
     preds, refs = [it["answer"] for it in items], [it["reference"] for it in items]
+    out["looping"] = looping_share(preds)
     if task == "pinyin":
         out["exact_match"] = sum(map(exact_match, preds, refs)) / len(items)
     elif task == "polarity":
