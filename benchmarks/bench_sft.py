@@ -32,6 +32,9 @@ VARIANTS = {
     "lr=1e-3 mix=0.25": {"lr": 1e-3, "pretrain_mix": 0.25},
     "muon": {"optimizer": "muon", "muon_lr": 0.005},
     "steps x2": {"steps": 1000},
+    "steps x2 mix=0.25 muon": {"steps": 1000, "pretrain_mix": 0.25, "optimizer": "muon", "muon_lr": 0.005},
+    "steps x4 mix=0.25": {"steps": 2000, "pretrain_mix": 0.25},
+    "steps x4 mix=0.25 muon": {"steps": 2000, "pretrain_mix": 0.25, "optimizer": "muon", "muon_lr": 0.005},
 }
 HEADLINE = (("polarity", "accuracy"), ("segmentation", "f1"), ("pinyin", "exact_match"), ("meaning", "char_f1"),
             ("origin", "char_f1"), ("example", "char_f1"))

@@ -48,13 +48,15 @@ def run_until_checkpoint_then_kill(cmd, ckpt):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
-def test_resume_after_sigkill_gives_the_weights_of_an_uninterrupted_run(corpus, tmp_path):
-    subprocess.run(pretrain_cmd(corpus, tmp_path / "straight"), check=True, capture_output=True)
+@pytest.mark.parametrize("recipe", [{}, {"optimizer": "muon", "zero_init_out_proj": True, "schedule": "wsd"}],
+                         ids=["adamw", "muon"])
+def test_resume_after_sigkill_gives_the_weights_of_an_uninterrupted_run(corpus, tmp_path, recipe):
+    subprocess.run(pretrain_cmd(corpus, tmp_path / "straight", **recipe), check=True, capture_output=True)
 
     resumed = tmp_path / "resumed"
-    run_until_checkpoint_then_kill(pretrain_cmd(corpus, resumed), resumed / "_ckpt/last.pt")
+    run_until_checkpoint_then_kill(pretrain_cmd(corpus, resumed, **recipe), resumed / "_ckpt/last.pt")
     assert not (resumed / "model.safetensors").exists()
-    rerun = subprocess.run(pretrain_cmd(corpus, resumed), capture_output=True, text=True, check=True)
+    rerun = subprocess.run(pretrain_cmd(corpus, resumed, **recipe), capture_output=True, text=True, check=True)
     assert "resumed from" in rerun.stderr
 
     a, b = weights(tmp_path / "straight"), weights(resumed)

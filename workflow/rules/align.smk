@@ -8,6 +8,8 @@ rule sft:
         init=model_folder("pretrain"),
         tokenizer=tokenizer_files(),
         tokens=rules.tokenize_sft.output,
+        # Pretraining text that sft.pretrain_mix mixes in.
+        pretrain_tokens=["results/tokens/train.bin", "results/tokens/meta.json"],
     output:
         folder=model_folder("sft"),
         plot=report("results/sft/loss.png", category="Training", caption="../report/loss.rst"),
@@ -17,6 +19,7 @@ rule sft:
         init=lambda w, input: folder(input.init),
         tokenizer=lambda w, input: folder(input.tokenizer),
         tokens=lambda w, input: folder(input.tokens),
+        pretrain_tokens=lambda w, input: folder(input.pretrain_tokens),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
     threads: workflow.cores
@@ -31,8 +34,8 @@ rule sft:
     shell:
         'exec "$ZHLM_PYTHON" -m zhlm.train.launch {params.launch} "$ZHLM_SCRIPTS/sft.py"'
         " --init {params.init:q} --tokenizer {params.tokenizer:q}"
-        " --tokens {params.tokens:q} --out {params.out:q} --ckpt {params.ckpt:q}"
-        " --settings {params.settings:q}"
+        " --tokens {params.tokens:q} --pretrain-tokens {params.pretrain_tokens:q} --out {params.out:q}"
+        " --ckpt {params.ckpt:q} --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"
 
 

@@ -6,8 +6,9 @@ from zhlm.io import setup_logging
 from zhlm.train.sft import run
 
 parser = argparse.ArgumentParser(description=__doc__)
-for flag in ("--init", "--tokenizer", "--tokens", "--out", "--ckpt", "--settings"):
+for flag in ("--init", "--tokenizer", "--tokens", "--pretrain-tokens", "--out", "--ckpt", "--settings"):
     parser.add_argument(flag, required=True)
 args = parser.parse_args()
 setup_logging()
-run(args.init, args.tokenizer, args.tokens, args.out, args.ckpt, settings=json.loads(args.settings))
+run(args.init, args.tokenizer, args.tokens, args.out, args.ckpt, settings=json.loads(args.settings),
+    pretrain_tokens_dir=args.pretrain_tokens)

@@ -1,0 +1,83 @@
+"""The training recipe's options: the Muon/AdamW split, zero-initialised output projections, the
+schedule applied to every optimizer, and pretraining text mixed into SFT."""
+import numpy as np
+import pytest
+import torch
+
+from zhlm.model import LlamaForCausalLM, ModelConfig
+from zhlm.tokenizer.chat import IGNORE
+from zhlm.train.batches import Concatenated, TextWindows
+from zhlm.train.loop import TrainConfig, lr_factor, make_optimizer, optimizer_step
+from zhlm.train.pretrain import next_token_loss
+
+CONFIG = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+
+
+class RandomWindows:
+    def global_batch(self, step):
+        x = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(step))
+        return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+    def count(self, batch):
+        return batch["labels"].numel()
+
+
+def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
+    model = LlamaForCausalLM(CONFIG)
+    adamw, muon = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("model.layers.") and p.dim() == 2}
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
+    assert "model.embed_tokens.weight" in in_adamw  # tied with lm_head: one parameter, on AdamW
+    only_adamw = make_optimizer(model, TrainConfig(), torch.device("cpu")).optimizers
+    assert len(only_adamw) == 1 and isinstance(only_adamw[0], torch.optim.AdamW)
+
+
+def test_the_schedule_scales_each_optimizers_own_peak_rate():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    cfg = TrainConfig(optimizer="muon", lr=0.003, muon_lr=0.01, steps=10, warmup_steps=4, micro_batch=4,
+                      global_batch=4, schedule="wsd")
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    row = optimizer_step(model, model, optimizer, RandomWindows(), next_token_loss, cfg, 1,
+                         lambda: torch.autocast("cpu", enabled=False))
+    adamw, muon = optimizer.optimizers
+    assert row["lr"] == pytest.approx(0.003 * lr_factor(cfg, 1)) == pytest.approx(0.003 * 2 / 4)
+    assert all(g["lr"] == pytest.approx(0.003 * 0.5) for g in adamw.param_groups)
+    assert all(g["lr"] == pytest.approx(0.01 * 0.5) for g in muon.param_groups)
+
+
+def test_zero_initialised_output_projections_start_each_layer_as_the_identity_and_then_learn():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    model.zero_init_out_proj()
+    x = torch.randint(0, 50, (2, 8))
+    # Every layer adds zero: the logits are the final norm of the embeddings times the head.
+    expected = model.lm_head(model.model.norm(model.model.embed_tokens(x)))
+    assert torch.allclose(model(x), expected)
+    cfg = TrainConfig(optimizer="muon", steps=4, warmup_steps=1, micro_batch=4, global_batch=4)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer_step(model, model, optimizer, RandomWindows(), next_token_loss, cfg, 0,
+                   lambda: torch.autocast("cpu", enabled=False))
+    for layer in model.model.layers:
+        assert layer.self_attn.o_proj.weight.abs().sum() > 0 and layer.mlp.down_proj.weight.abs().sum() > 0
+
+
+def test_text_windows_are_fully_labelled_and_concatenated_after_the_conversations():
+    tokens = np.arange(1000, dtype=np.uint16)
+    windows = TextWindows(tokens, 12, 5, seed=3)
+    assert len(windows) == 5
+    for i in range(5):
+        ids, labels = windows[i]
+        assert len(ids) == 12 and np.array_equal(ids, labels) and np.all(np.diff(ids) == 1)
+    conversations = [(np.array([1, 2, 3]), np.array([IGNORE, 2, 3])), (np.array([4, 5]), np.array([IGNORE, 5]))]
+    both = Concatenated(conversations, windows)
+    assert len(both) == 7
+    assert both[1] is conversations[1]
+    assert np.array_equal(both[2][0], windows[0][0]) and np.array_equal(both[6][0], windows[4][0])
+    with pytest.raises(ValueError, match="too few"):
+        TextWindows(tokens[:10], 12, 1, seed=0)
