@@ -81,3 +81,20 @@ def test_text_windows_are_fully_labelled_and_concatenated_after_the_conversation
     assert np.array_equal(both[2][0], windows[0][0]) and np.array_equal(both[6][0], windows[4][0])
     with pytest.raises(ValueError, match="too few"):
         TextWindows(tokens[:10], 12, 1, seed=0)
+
+
+def test_dpo_with_sft_weight_adds_the_chosen_answers_mean_token_nll():
+    from zhlm.lm import pad_batch, token_nll
+    from zhlm.train.dpo import collate_pairs, make_dpo_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    chosen = (np.array([1, 2, 3, 4, 5]), np.array([IGNORE, IGNORE, 3, 4, 5]))
+    rejected = (np.array([1, 2, 6, 7]), np.array([IGNORE, IGNORE, 6, 7]))
+    batch = collate_pairs([(chosen, rejected, -5.0, -4.0), (rejected, chosen, -4.0, -5.0)], pad_id=0)
+    plain, _ = make_dpo_loss(0.1)(model, batch)
+    with_nll, metrics = make_dpo_loss(0.1, sft_weight=0.5)(model, batch)
+    padded = pad_batch([chosen, rejected], 0)
+    nll = token_nll(model(padded["input_ids"]), padded["labels"]).sum(-1) / torch.tensor([3.0, 2.0])  # per token
+    assert with_nll.item() == pytest.approx(plain.item() + 0.5 * nll.sum().item(), rel=1e-5)
+    assert metrics["chosen_nll"] == pytest.approx(nll.sum().item(), rel=1e-5)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from zhlm.lm import check_context, pad_batch, sequence_logp
+from zhlm.lm import IGNORE, check_context, pad_batch, sequence_logp
 from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import chat_stop_ids
 from zhlm.tokenizer.conversations import Conversations, check_tokenizer, token_folder_files
@@ -36,15 +36,24 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
     return -F.logsigmoid(margin), margin
 
 
-def make_dpo_loss(beta: float):
-    """The DPO loss summed over the batch's pairs (the unit the pairs' batch source counts)."""
+def make_dpo_loss(beta: float, sft_weight: float = 0.0):
+    """The DPO loss summed over the batch's pairs (the unit the pairs' batch source counts).
+
+    sft_weight > 0 adds that weight times the chosen answer's mean per-token negative
+    log-likelihood (RPO): DPO alone can lower the chosen answer's likelihood along with the
+    rejected one's, which a small model pays for in degenerate, looping answers.
+    """
     def loss_fn(model, batch):
-        chosen = sequence_logp(model, batch["chosen_ids"], batch["chosen_labels"])
-        rejected = sequence_logp(model, batch["rejected_ids"], batch["rejected_labels"])
+        chosen = sequence_logp(model, batch["chosen_ids"], batch["chosen_labels"])        # (B,)
+        rejected = sequence_logp(model, batch["rejected_ids"], batch["rejected_labels"])  # (B,)
         losses, margin = dpo_losses(chosen, rejected, batch["ref_chosen"].to(chosen.dtype),
                                     batch["ref_rejected"].to(chosen.dtype), beta)
         margin = margin.detach()
         metrics = {"reward_accuracy": float((margin > 0).sum()), "reward_margin": float(margin.sum())}
+        if sft_weight:
+            chosen_nll = -chosen / (batch["chosen_labels"] != IGNORE).sum(-1).clamp(min=1)  # (B,) per token
+            losses = losses + sft_weight * chosen_nll
+            metrics["chosen_nll"] = float(chosen_nll.detach().sum())
         return losses.sum(), metrics
     return loss_fn
 
@@ -143,7 +152,7 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
     mean_len = items.mean_length()
     data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
                     count=lambda b: len(b["ref_chosen"]))  # pairs
-    history = train(policy, data, make_dpo_loss(beta), cfg, out_dir=out_dir, ckpt_dir=ckpt_dir,
+    history = train(policy, data, make_dpo_loss(beta, cfg.sft_weight), cfg, out_dir=out_dir, ckpt_dir=ckpt_dir,
                     fingerprint=fingerprint,
                     evaluate=(lambda m: reward_metrics(m, eval_items, beta, pad)) if len(eval_items) else None,
                     flops_per_item=policy.flops_per_token(int(mean_len / 2)) * mean_len,
