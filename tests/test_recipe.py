@@ -98,3 +98,21 @@ def test_dpo_with_sft_weight_adds_the_chosen_answers_mean_token_nll():
     nll = token_nll(model(padded["input_ids"]), padded["labels"]).sum(-1) / torch.tensor([3.0, 2.0])  # per token
     assert with_nll.item() == pytest.approx(plain.item() + 0.5 * nll.sum().item(), rel=1e-5)
     assert metrics["chosen_nll"] == pytest.approx(nll.sum().item(), rel=1e-5)
+
+
+def test_batches_grouped_by_length_pad_less_and_still_see_every_example_once_per_epoch():
+    from zhlm.train.batches import Examples
+
+    lengths = np.random.default_rng(0).integers(5, 200, size=64 * 8 * 3)  # 3 groups of 64 batches of 8
+    plain = Examples(list(range(len(lengths))), 8, seed=1, collate=list, count=len)
+    grouped = Examples(list(range(len(lengths))), 8, seed=1, collate=list, count=len, lengths=lengths)
+    steps = range(64 * 3)
+    assert grouped.indices(70) == grouped.indices(70)  # the batch of a step depends on (seed, step) only
+    assert sorted(i for s in steps for i in grouped.indices(s)) == list(range(len(lengths)))  # one epoch
+    for group in range(3):  # each group holds the same items as the plain order's 64 batches
+        window = range(64 * group, 64 * (group + 1))
+        assert sorted(i for s in window for i in grouped.indices(s)) == sorted(i for s in window
+                                                                               for i in plain.indices(s))
+    padded = {name: np.mean([lengths[src.indices(s)].max() for s in steps]) for name, src in
+              (("plain", plain), ("grouped", grouped))}
+    assert padded["grouped"] < 0.7 * padded["plain"], padded

@@ -59,25 +59,42 @@ class Examples:
     `items` is any sequence: a list, or a view of token files (zhlm.tokenizer.conversations) that
     reads only the items a batch asks for. `collate` turns a list of items into a batch; `count`
     is the stage's loss unit.
+
+    With `lengths` (each item's length), batches are grouped by length: the items of every
+    GROUP consecutive batches of the shuffled order are sorted by length, cut into batches
+    again, and those batches taken in a shuffled order. A batch is padded to its longest item,
+    so similar lengths waste less compute on padding; each epoch still sees every item once.
     """
 
+    GROUP = 64  # batches whose items are sorted together
+
     def __init__(self, items: Sequence, global_batch: int, seed: int, collate: Callable[[list], Batch],
-                 count: Callable[[Batch], int]):
+                 count: Callable[[Batch], int], lengths: np.ndarray | None = None):
         if not items:
             raise ValueError("no training examples")
         self.items, self.batch_size, self.seed, self.collate = items, global_batch, seed, collate
         self.count = count
+        self.lengths = None if lengths is None else np.asarray(lengths)
 
-    def indices(self, step: int) -> list[int]:
+    def shuffled(self, position: int, count: int) -> list[int]:
+        """Items [position, position + count) of the endless stream of shuffled epochs."""
         n, out = len(self.items), []
-        position = step * self.batch_size
-        while len(out) < self.batch_size:
+        while len(out) < count:
             epoch, offset = divmod(position, n)
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
-            take = order[offset:offset + self.batch_size - len(out)]
+            take = order[offset:offset + count - len(out)]
             out.extend(int(i) for i in take)
             position += len(take)
         return out
+
+    def indices(self, step: int) -> list[int]:
+        if self.lengths is None:
+            return self.shuffled(step * self.batch_size, self.batch_size)
+        group, k = divmod(step, self.GROUP)
+        pool = np.array(self.shuffled(group * self.GROUP * self.batch_size, self.GROUP * self.batch_size))
+        batches = pool[np.argsort(self.lengths[pool], kind="stable")].reshape(self.GROUP, self.batch_size)
+        order = np.random.default_rng([self.seed, group, 1]).permutation(self.GROUP)
+        return [int(i) for i in batches[order[k]]]
 
     def global_batch(self, step: int) -> Batch:
         return self.collate([self.items[i] for i in self.indices(step)])
@@ -101,6 +118,9 @@ class TextWindows:
         ids = np.asarray(self.tokens[self.starts[i]:self.starts[i] + self.length], dtype=np.int64)
         return ids, ids
 
+    def lengths(self) -> np.ndarray:
+        return np.full(len(self), self.length)
+
 
 class Concatenated:
     """Several sequences of items as one: item i of the first, then of the next, and so on."""
@@ -115,3 +135,6 @@ class Concatenated:
     def __getitem__(self, i: int):
         k = int(np.searchsorted(self.ends, i, side="right"))
         return self.parts[k][i - (int(self.ends[k - 1]) if k else 0)]
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([part.lengths() for part in self.parts])

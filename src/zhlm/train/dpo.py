@@ -75,6 +75,10 @@ class Pairs:
     def __getitem__(self, i: int) -> tuple:
         return self.chosen[i], self.rejected[i], float(self.refs[i, 0]), float(self.refs[i, 1])
 
+    def lengths(self) -> np.ndarray:
+        """Each pair's longer side, (n,): what its batch is padded to."""
+        return np.maximum(self.chosen.lengths(), self.rejected.lengths())
+
     def mean_length(self) -> float:
         """Mean tokens predicted per pair (chosen and rejected together)."""
         return float(np.mean(self.chosen.lengths() + self.rejected.lengths() - 2)) if len(self) else 0.0
@@ -151,7 +155,8 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
     log.info("%d training pairs, %d held-out pairs", len(items), len(eval_items))
     mean_len = items.mean_length()
     data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
-                    count=lambda b: len(b["ref_chosen"]))  # pairs
+                    count=lambda b: len(b["ref_chosen"]),  # pairs
+                    lengths=items.lengths() if cfg.group_by_length else None)
     history = train(policy, data, make_dpo_loss(beta, cfg.sft_weight), cfg, out_dir=out_dir, ckpt_dir=ckpt_dir,
                     fingerprint=fingerprint,
                     evaluate=(lambda m: reward_metrics(m, eval_items, beta, pad)) if len(eval_items) else None,

@@ -70,6 +70,7 @@ class TrainConfig:
     muon_lr: float = 0.02           # muon: the hidden matrices' learning rate
     zero_init_out_proj: bool = False  # pretrain: o_proj and down_proj start at zero
     pretrain_mix: float = 0.0       # sft: share of pretraining-text windows among the training examples
+    group_by_length: bool = False   # sft, dpo: batches of examples of similar length (less padding)
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd"):

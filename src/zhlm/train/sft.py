@@ -96,7 +96,8 @@ def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dic
     mean_len = float(np.mean(examples.lengths() - 1))
     if cfg.pretrain_mix:
         examples = with_pretrain_text(examples, pretrain_tokens_dir, cfg.pretrain_mix, cfg.seed)
-    data = Examples(examples, cfg.global_batch, cfg.seed, lambda b: pad_batch(b, pad), count_conversations)
+    data = Examples(examples, cfg.global_batch, cfg.seed, lambda b: pad_batch(b, pad), count_conversations,
+                    lengths=examples.lengths() if cfg.group_by_length else None)
     history = train(model, data, sft_loss, cfg, out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint,
                     evaluate=lambda m: {"val_loss": examples_loss(m, val_examples, pad)},
                     flops_per_item=model.flops_per_token(int(mean_len)) * mean_len, tokens_per_item=mean_len,
