@@ -41,10 +41,10 @@ SFT_VARIANTS = {
 }
 DPO_VARIANTS = {
     "config": {},
-    "sft_weight=1": {"sft_weight": 1.0},
+    "sft_weight=0": {"sft_weight": 0.0},
+    "sft_weight=0 plain batches": {"sft_weight": 0.0, "group_by_length": False},
     "beta=0.3": {"beta": 0.3},
-    "beta=0.3 sft_weight=1": {"beta": 0.3, "sft_weight": 1.0},
-    "lr=1e-5 sft_weight=1": {"lr": 1e-5, "sft_weight": 1.0},
+    "lr=1e-4": {"lr": 1e-4},
 }
 HEADLINE = (("polarity", "accuracy"), ("segmentation", "f1"), ("pinyin", "exact_match"), ("meaning", "char_f1"),
             ("origin", "char_f1"), ("example", "char_f1"))
