@@ -44,5 +44,6 @@ include: "workflow/rules/eval.smk"
 rule all:
     default_target: True
     input:
-        rules.dpo.output,
+        model_folder("dpo"),
+        "results/dpo/loss.png",
         "results/eval/report.md",

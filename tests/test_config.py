@@ -12,6 +12,7 @@ from zhlm.config import TRAINING_STAGES, ConfigError, check_yaml_file, config_er
 from zhlm.eval.run import EvalConfig
 from zhlm.model import ModelConfig
 from zhlm.train.loop import TrainConfig
+from zhlm.train.lora import LoraSettings
 from zhlm.train.rollouts import RolloutConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,16 +24,20 @@ def schema_defaults(section: dict) -> dict:
 
 
 def dataclass_defaults(cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    """Each field's default, made by its factory where it has one (a list)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    return defaults | {f.name: f.default_factory() for f in dataclasses.fields(cls)
+                       if f.default_factory is not dataclasses.MISSING}
 
 
 @pytest.mark.parametrize("cls, section, every_field", [
     (TrainConfig, SCHEMA["definitions"]["training"], True),
+    (LoraSettings, SCHEMA["definitions"]["lora"], True),
     (EvalConfig, SCHEMA["properties"]["eval"], True),
     (RolloutConfig, SCHEMA["properties"]["rollouts"], True),
     # The model's config also holds what the data decides (vocab_size, token ids), not in the schema.
     (ModelConfig, SCHEMA["properties"]["model"], False),
-], ids=["training", "eval", "rollouts", "model"])
+], ids=["training", "lora", "eval", "rollouts", "model"])
 def test_dataclass_defaults_are_the_schemas(cls, section, every_field):
     schema, ours = schema_defaults(section), dataclass_defaults(cls)
     assert set(schema) <= set(ours), f"{cls.__name__} lacks {sorted(set(schema) - set(ours))}"
@@ -70,6 +75,7 @@ BROKEN = {
     **{f"{stage} seq_len past the context": ({stage: {"seq_len": 65}},
                                              f"{stage}.seq_len (65) must not exceed model.max_position_embeddings (64)")
        for stage in TRAINING_STAGES},
+    "lora in pretraining": ({"pretrain": {"lora": {}}}, "pretrain.lora must be null"),
     "batch not split evenly": ({"sft": {"global_batch": 6, "micro_batch": 4}},
                                "sft.global_batch (6) must be divisible by sft.micro_batch × sft.nproc × sft.nodes "
                                "(4 × 1 × 1 = 4)"),

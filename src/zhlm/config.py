@@ -63,8 +63,12 @@ def model_shape_errors(model: dict) -> list[str]:
 
 def stage_errors(stage: str, settings: dict, model: dict) -> list[str]:
     """A training stage's windows fit the model's context (positions past it have no RoPE table
-    and were never trained), and its batch splits evenly over processes and micro-batches."""
+    and were never trained), its batch splits evenly over processes and micro-batches, and only
+    the stages that start from a trained model (sft, dpo) train a LoRA adapter."""
     errors = []
+    if stage == "pretrain" and settings.get("lora") is not None:
+        errors.append("pretrain.lora must be null: LoRA adapts a trained model (sft, dpo), and pretraining "
+                      "trains every weight from scratch")
     seq_len, context = settings["seq_len"], model["max_position_embeddings"]
     if seq_len > context:
         errors.append(f"{stage}.seq_len ({seq_len}) must not exceed model.max_position_embeddings ({context}), "

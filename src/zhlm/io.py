@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 # zhlm.model, so that the workflow can name them without importing torch.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "train_log.csv")
+# What a stage trained with LoRA writes instead (zhlm.train.lora): peft's adapter files and the log.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_log.csv")
 
 
 # A temporary file is named `.NAME.tmpPID` beside NAME: the writer's pid tells a stale one (its

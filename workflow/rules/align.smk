@@ -1,5 +1,6 @@
 # Alignment: SFT on the instruction data's token files, DPO rollouts from the SFT model, the
-# pairs' token files, then DPO.
+# pairs' token files, then DPO. SFT or DPO with `lora` trains an adapter, which merge_lora
+# merges into the stage's model folder.
 # Training commands exec and tee ignores SIGTERM, as in pretrain.smk.
 
 
@@ -11,8 +12,8 @@ rule sft:
         # Pretraining text that sft.pretrain_mix mixes in.
         pretrain_tokens=["results/tokens/train.bin", "results/tokens/meta.json"],
     output:
-        folder=model_folder("sft"),
-        plot=report("results/sft/loss.png", category="Training", caption="../report/loss.rst"),
+        folder=trained_files("sft"),
+        plot=report(f"{trained_dir('sft')}/loss.png", category="Training", caption="../report/loss.rst"),
     params:
         launch=launcher("sft"),
         settings=json.dumps(config["sft"]),
@@ -88,8 +89,8 @@ rule dpo:
         tokenizer=tokenizer_files(),
         tokens=rules.tokenize_dpo.output,
     output:
-        folder=model_folder("dpo"),
-        plot=report("results/dpo/loss.png", category="Training", caption="../report/loss.rst"),
+        folder=trained_files("dpo"),
+        plot=report(f"{trained_dir('dpo')}/loss.png", category="Training", caption="../report/loss.rst"),
     params:
         launch=launcher("dpo"),
         settings=json.dumps(config["dpo"]),
@@ -113,3 +114,32 @@ rule dpo:
         " --tokens {params.tokens:q} --out {params.out:q} --ckpt {params.ckpt:q}"
         " --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"
+
+
+if lora_stages():
+
+    rule merge_lora:
+        input:
+            # The model the adapter was trained on: the stage's own first input.
+            base=lambda w: {"sft": rules.sft.input.init, "dpo": rules.dpo.input.sft}[w.stage],
+            adapter=multiext("results/{stage}/lora/", *ADAPTER_FILES),
+            plot="results/{stage}/lora/loss.png",
+            tokenizer=tokenizer_files(),
+        output:
+            folder=model_folder("{stage}"),
+            plot="results/{stage}/loss.png",
+        params:
+            base=lambda w, input: folder(input.base),
+            adapter=lambda w, input: folder([*input.adapter, input.plot]),
+            tokenizer=lambda w, input: folder(input.tokenizer),
+            out=lambda w, output: folder([*output.folder, output.plot]),
+        wildcard_constraints:
+            stage="|".join(lora_stages()),
+        log:
+            "results/logs/merge_lora/{stage}.log",
+        benchmark:
+            "results/benchmarks/merge_lora/{stage}.tsv"
+        conda:
+            "../../envs/zhlm.yaml"
+        script:
+            "../scripts/merge_lora.py"

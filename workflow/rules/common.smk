@@ -7,7 +7,7 @@ import sys
 from zhlm.data.fetch import file_name, local_file
 from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
-from zhlm.io import MODEL_FILES, TOKENIZER_FILES
+from zhlm.io import ADAPTER_FILES, MODEL_FILES, TOKENIZER_FILES
 from zhlm.tokenizer.conversations import BY_ID_FILE, TOKEN_FILES
 
 SOURCES = config["sources"]
@@ -95,6 +95,22 @@ os.environ.update(ZHLM_PYTHON=sys.executable, ZHLM_SCRIPTS=os.path.join(workflow
 def model_folder(stage):
     """The files of a stage's Hugging Face model folder (loss.png is declared apart, for the report)."""
     return multiext(f"results/{stage}/", *MODEL_FILES)
+
+
+def lora_stages():
+    """The stages that train a LoRA adapter (their `lora` setting): each writes it to
+    results/STAGE/lora/, and merge_lora merges it into the stage's model folder."""
+    return [stage for stage in ("sft", "dpo") if config[stage]["lora"] is not None]
+
+
+def trained_dir(stage):
+    """Where a training stage writes: its model folder, or with LoRA its adapter's folder."""
+    return f"results/{stage}/lora" if stage in lora_stages() else f"results/{stage}"
+
+
+def trained_files(stage):
+    """The files a training stage writes there (loss.png is declared apart, for the report)."""
+    return multiext(f"{trained_dir(stage)}/", *ADAPTER_FILES) if stage in lora_stages() else model_folder(stage)
 
 
 def launcher(stage):

@@ -16,6 +16,7 @@ from zhlm.tokenizer.conversations import Conversations, check_tokenizer, token_f
 from zhlm.train import distributed
 from zhlm.train.batches import Examples
 from zhlm.train.loop import finish, start, train
+from zhlm.train.lora import add_adapter, save_adapter
 
 log = logging.getLogger("zhlm.dpo")
 
@@ -132,17 +133,20 @@ def reward_metrics(policy, items, beta: float, pad_id: int, batch_size: int = 16
 
 def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, progress: bool = True
         ) -> list[dict]:
-    """DPO from the SFT model against itself, frozen, as the reference; write a HF folder to out_dir.
+    """DPO from the SFT model against itself, frozen, as the reference; write a HF folder to out_dir,
+    or with `lora` in the settings the adapter, in peft's format (zhlm.train.lora).
 
     tokens_dir: the pairs' token files (zhlm.tokenizer.conversations.tokenize_dpo); its eval
-    pairs are held out and scored. settings: TrainConfig fields (beta, seq_len).
+    pairs are held out and scored. settings: TrainConfig fields (beta, seq_len, lora).
     """
     sft_dir, tokens_dir = Path(sft_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", tokenizer_file,
                                                 *token_folder_files(tokens_dir)])
     policy = load_model(sft_dir, device)
-    reference = load_model(sft_dir, device).eval().requires_grad_(False)
+    # The frozen reference is the SFT model. With LoRA that is the policy before its adapter is
+    # added (TRL uses the policy with its adapter disabled): no second copy of the weights.
+    reference = policy if cfg.lora else load_model(sft_dir, device).eval().requires_grad_(False)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     meta = check_tokenizer(tokens_dir, tokenizer_file)
     check_context(policy.config, cfg.seq_len)
@@ -152,6 +156,8 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
     items, eval_items = (with_reference(reference, open_pairs(tokens_dir, split, max_len, meta["dtype"]), pad)
                          for split in ("train", "eval"))
     del reference
+    if cfg.lora:
+        add_adapter(policy, cfg.lora)
     log.info("%d training pairs, %d held-out pairs", len(items), len(eval_items))
     mean_len = items.mean_length()
     data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
@@ -163,7 +169,10 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
                     flops_per_item=policy.flops_per_token(int(mean_len / 2)) * mean_len,
                     tokens_per_item=mean_len, progress=progress)
     if distributed.rank() == 0:
-        save_pretrained(policy, out_dir, tokenizer_dir, eos_token_ids=chat_stop_ids(tokenizer))
+        if cfg.lora:  # merge_lora makes the model folder
+            save_adapter(policy, out_dir, cfg.lora, base_model=sft_dir)
+        else:
+            save_pretrained(policy, out_dir, tokenizer_dir, eos_token_ids=chat_stop_ids(tokenizer))
     finish(ckpt_dir)
     distributed.shutdown()
     return history

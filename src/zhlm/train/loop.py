@@ -31,6 +31,7 @@ from zhlm.inference import pick_device
 from zhlm.io import CorruptFile, atomic_path, fsync, read_checked, remove_stale_temps, write_checked
 from zhlm.train import distributed
 from zhlm.train.batches import Batch, BatchSource
+from zhlm.train.lora import LoraSettings, is_adapter_parameter
 
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
@@ -71,8 +72,11 @@ class TrainConfig:
     zero_init_out_proj: bool = False  # pretrain: o_proj and down_proj start at zero
     pretrain_mix: float = 0.0       # sft: share of pretraining-text windows among the training examples
     group_by_length: bool = False   # sft, dpo: batches of examples of similar length (less padding)
+    lora: LoraSettings | None = None  # sft, dpo: train a LoRA adapter instead of every weight
 
     def __post_init__(self):
+        if isinstance(self.lora, dict):  # as the config gives it
+            self.lora = LoraSettings(**self.lora)
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"unknown schedule {self.schedule!r}: cosine or wsd")
         if self.optimizer not in ("adamw", "muon"):
@@ -161,10 +165,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     decoder layers' matrices (nanochat's split: Muon orthogonalises each matrix's update, which
     suits the hidden matrices; the embeddings, the head and the norms stay on AdamW).
 
+    Only the parameters that require a gradient are trained: with LoRA, the adapters. LoRA's
+    factors A (r, in) and B (out, r) stay on AdamW under Muon too: Muon would orthogonalise each
+    thin factor on its own, which is not an orthogonalised update of their product B @ A, and
+    LoRA's scale alpha / r and learning rates are set for AdamW (as peft and TRL train it).
+
     Each group keeps its peak learning rate as "initial_lr"; the loop scales it by the schedule.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{n}"]
+    hidden = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{n}"
+              and not is_adapter_parameter(n)]
     rest = [(n, p) for n, p in named if not any(p is h for h in hidden)]
     decay = [p for n, p in rest if p.dim() >= 2]
     no_decay = [p for n, p in rest if p.dim() < 2]

@@ -16,6 +16,7 @@ from zhlm.tokenizer.conversations import NO_ANSWER, Conversations, check_tokeniz
 from zhlm.train import distributed
 from zhlm.train.batches import Concatenated, Examples, TextWindows
 from zhlm.train.loop import finish, start, train
+from zhlm.train.lora import add_adapter, save_adapter
 
 log = logging.getLogger("zhlm.sft")
 
@@ -68,11 +69,12 @@ def with_pretrain_text(examples, pretrain_tokens_dir, share: float, seed: int):
 
 def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, pretrain_tokens_dir=None,
         progress: bool = True) -> list[dict]:
-    """Fine-tune the model in init_dir on ChatML conversations; write a HF model folder to out_dir.
+    """Fine-tune the model in init_dir on ChatML conversations; write a HF model folder to out_dir,
+    or with `lora` in the settings the adapter, in peft's format (zhlm.train.lora).
 
     tokens_dir: the SFT splits' token files (zhlm.tokenizer.conversations.tokenize_sft).
     settings: TrainConfig fields (seq_len: longest example, in tokens; eval_examples; pretrain_mix,
-    which needs pretrain_tokens_dir, the pretraining token files).
+    which needs pretrain_tokens_dir, the pretraining token files; lora).
     """
     init_dir, tokens_dir = Path(init_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
@@ -84,6 +86,8 @@ def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dic
     cfg, device, fingerprint = start(settings, [init_dir / "model.safetensors", tokenizer_file,
                                                 *token_folder_files(tokens_dir), *mixed])
     model = load_model(init_dir, device)
+    if cfg.lora:
+        add_adapter(model, cfg.lora)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     meta = check_tokenizer(tokens_dir, tokenizer_file)
     check_context(model.config, cfg.seq_len)
@@ -103,7 +107,10 @@ def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dic
                     flops_per_item=model.flops_per_token(int(mean_len)) * mean_len, tokens_per_item=mean_len,
                     progress=progress)
     if distributed.rank() == 0:
-        save_pretrained(model, out_dir, tokenizer_dir, eos_token_ids=chat_stop_ids(tokenizer))
+        if cfg.lora:  # merge_lora makes the model folder
+            save_adapter(model, out_dir, cfg.lora, base_model=init_dir)
+        else:
+            save_pretrained(model, out_dir, tokenizer_dir, eos_token_ids=chat_stop_ids(tokenizer))
     finish(ckpt_dir)
     distributed.shutdown()
     return history
