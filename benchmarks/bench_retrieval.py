@@ -55,7 +55,8 @@ def main() -> None:
         print(f"top_k={k}: n {r['n']}, recall@1 {r['recall@1']:.3f}, recall@5 {r['recall@5']:.3f}, "
               f"right entry in prompt {r['right_in_prompt']:.3f}, passages in prompt {r['passages_in_prompt']:.2f}, "
               f"reference answer in prompt {r['answer_in_prompt']:.3f}; char F1 without {f1['without']:.3f}, "
-              f"with {f1['with']:.3f} (right entry in prompt: {f1['with_right_in_prompt'] or 0:.3f})")
+              f"with {f1['with']:.3f} (right entry in prompt: {f1['with_right_in_prompt'] or 0:.3f}); "
+              f"the best passage itself as the answer {f1['best_passage']:.3f}")
         for s in r["samples"]:
             print(f"  {s['prompt']} passages {s['passages']}\n    reference: {s['reference']}\n"
                   f"    without:   {s['without']}\n    with:      {s['with']}")

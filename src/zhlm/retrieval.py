@@ -81,7 +81,7 @@ def document_files(path: str | os.PathLike) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder or file")
-    return sorted(p for p in path.rglob("*") if p.suffix in DOC_SUFFIXES and p.is_file()
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in DOC_SUFFIXES and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
@@ -162,7 +162,7 @@ class Index:
         return [Hit(self.passages[int(i)], float(s)) for i, s in zip(ids[0], scores[0]) if s > 0]
 
     def save(self, folder: Path) -> None:
-        self.bm25.save(str(folder / "bm25"), show_progress=False)
+        self.bm25.save(str(folder / "bm25"))
         table = pa.table({name: [getattr(p, name) for p in self.passages] for name in ("id", "doc", "text")})
         pq.write_table(table, folder / "passages.parquet", compression="zstd")
 
@@ -171,7 +171,7 @@ class Index:
         import bm25s
 
         table = pq.read_table(folder / "passages.parquet").to_pylist()
-        bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
+        bm25 = bm25s.BM25.load(str(folder / "bm25"))
         return cls([Passage(**row) for row in table], bm25, built=False)
 
 
@@ -206,10 +206,13 @@ def open_index(path: str | os.PathLike, cache_root: str | os.PathLike | None = N
         try:
             if json.loads(meta_file.read_text())["fingerprint"] == wanted:
                 return Index.load(folder)
-        except (OSError, ValueError, KeyError):  # a damaged cache is rebuilt
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged cache is rebuilt
             log.warning("%s: unreadable index cache; rebuilding it", folder)
     start = time.time()
-    index = Index.build(passages_of(read_documents(path), max_chars))
+    passages = passages_of(read_documents(path), max_chars)
+    if not passages:
+        raise ValueError(f"{path}: no text to index (documents are .txt and .md files, or a parquet file)")
+    index = Index.build(passages)
     log.info("indexed %d passages of %s in %.1fs", len(index.passages), path, time.time() - start)
     _save(index, folder, {"fingerprint": wanted, "documents": str(path), "passages": len(index.passages)})
     return index

@@ -250,7 +250,8 @@ def _retrieval_section(r: dict | None) -> list[str]:
             ["passages in the prompt (mean)", r.get("passages_in_prompt")],
             ["char F1 without retrieval", f1.get("without")], ["char F1 with retrieval", f1.get("with")],
             ["Δ char F1", _delta(f1.get("without"), f1.get("with"))],
-            ["char F1 with retrieval, right document in the prompt", f1.get("with_right_in_prompt")]]
+            ["char F1 with retrieval, right document in the prompt", f1.get("with_right_in_prompt")],
+            ["char F1 of the best passage itself as the answer (no model)", f1.get("best_passage")]]
     lines = ["## Retrieval", "",
              f"The final model ({r.get('model', 'dpo')}) answers {r['n']} held-out '{r['task']}' questions greedily, "
              f"without and with the best of the documents' passages ({r.get('source', 'documents')}: "

@@ -78,7 +78,9 @@ def evaluate_retrieval(model, tokenizer: Tokenizer, documents: list[tuple[str, s
         "answer_in_prompt": _mean(ref in text for ref, text in zip(refs, reference_text)),
         "passages_in_prompt": _mean(len(used) for _, used in fitted),
         "char_f1": {"without": _mean(f1_plain), "with": _mean(f1_rag),
-                    "with_right_in_prompt": _mean(f for f, i in zip(f1_rag, in_prompt) if i)},
+                    "with_right_in_prompt": _mean(f for f, i in zip(f1_rag, in_prompt) if i),
+                    # No model: the best passage itself as the answer, what retrieval alone gives.
+                    "best_passage": _mean(char_f1(h[0].passage.text if h else "", ref) for h, ref in zip(hits, refs))},
         "unanswered": {"without": sum(a is None for a in plain), "with": sum(a is None for a in rag)},
         "samples": [{"id": r["id"], "prompt": r["prompt"], "reference": ref, "passages": [h.passage.id for h in used],
                      "without": a, "with": b}
