@@ -334,6 +334,6 @@ def passage_ids(hits: list[Hit]) -> list[dict]:
 def describe(hits: list[Hit]) -> str:
     """One line for the terminal: the passages in the prompt and their scores."""
     if not hits:
-        return "(passages: none matched)"
+        return "(passages: none in the prompt)"
     return "(passages: " + ", ".join(f"{h.passage.id} {h.score:.2f}" for h in hits) + ")"
 
