@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from zhlm.config import TRAINING_STAGES, ConfigError, check_yaml_file, config_errors
+from zhlm.eval.retrieval import RetrievalEvalConfig
 from zhlm.eval.run import EvalConfig
 from zhlm.model import ModelConfig
 from zhlm.train.loop import TrainConfig
@@ -35,9 +36,10 @@ def dataclass_defaults(cls) -> dict:
     (LoraSettings, SCHEMA["definitions"]["lora"], True),
     (EvalConfig, SCHEMA["properties"]["eval"], True),
     (RolloutConfig, SCHEMA["properties"]["rollouts"], True),
+    (RetrievalEvalConfig, SCHEMA["properties"]["retrieval"], True),
     # The model's config also holds what the data decides (vocab_size, token ids), not in the schema.
     (ModelConfig, SCHEMA["properties"]["model"], False),
-], ids=["training", "lora", "eval", "rollouts", "model"])
+], ids=["training", "lora", "eval", "rollouts", "retrieval", "model"])
 def test_dataclass_defaults_are_the_schemas(cls, section, every_field):
     schema, ours = schema_defaults(section), dataclass_defaults(cls)
     assert set(schema) <= set(ours), f"{cls.__name__} lacks {sorted(set(schema) - set(ours))}"
@@ -82,6 +84,8 @@ BROKEN = {
     "batch not split over processes": ({"dpo": {"global_batch": 4, "micro_batch": 2, "nproc": 2, "nodes": 2}},
                                        "dpo.global_batch (4) must be divisible by dpo.micro_batch × dpo.nproc × "
                                        "dpo.nodes (2 × 2 × 2 = 8)"),
+    "retrieval documents not a pretrain source": ({"retrieval": {"docs": "demo_idiom_tasks"}},
+                                                  "retrieval.docs ('demo_idiom_tasks') must name a pretrain source"),
 }
 
 

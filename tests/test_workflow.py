@@ -491,6 +491,10 @@ def test_eval_scores_every_stage_and_writes_the_report(dag):
     report = (results / "report.md").read_text()
     for stage in ("pretrain", "sft", "dpo"):
         assert stage in report
+    # The DPO model with and without the idiom encyclopedia's passages (tiny.yaml: retrieval.docs).
+    retrieval = stats(results / "retrieval.json")
+    assert retrieval["n"] > 0 and retrieval["documents"] > 0 and retrieval["recall@5"] >= 0.5, retrieval
+    assert set(retrieval["char_f1"]) >= {"without", "with"} and "## Retrieval" in report
     summary = stats(results / "summary.json")
     assert summary["pretrain.bpc"] == stats(results / "pretrain.json")["bpc"]["bpc"]
     assert "dpo.implicit_reward.accuracy" in summary and "dpo.looping" in summary

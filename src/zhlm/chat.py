@@ -9,42 +9,67 @@ import torch
 
 from zhlm.generate import MIN_TEMPERATURE, Sampling, stream
 from zhlm.inference import LoadedModel, TextStream, load
+from zhlm.retrieval import Hit, Retriever, describe, open_retriever
 from zhlm.tokenizer.chat import encode_prompt
 
 
 @dataclass
 class ChatSession:
-    """A multi-turn ChatML conversation; old turns are dropped when it outgrows the context."""
+    """A multi-turn ChatML conversation; old turns are dropped when it outgrows the context.
+
+    With a retriever (--docs), each question's best passages join the system message for that
+    question's answer, as many as leave the answer its room beside the question."""
     lm: LoadedModel
     sampling: Sampling
     system: str | None = None
     seed: int | None = None
+    retriever: Retriever | None = None
     turns: list[dict] = field(default_factory=list)  # user and assistant messages, no system
     notices: list[str] = field(default_factory=list)  # what the last reply wants the user to know
+    passages: list[Hit] = field(default_factory=list)  # the passages in the last question's prompt
 
     def __post_init__(self):
         self.generator = None
         if self.seed is not None:
             self.generator = torch.Generator(device=self.lm.device).manual_seed(self.seed)
+        self.turn_system: str | None = None  # the system message with the last question's passages
+
+    def _system_messages(self) -> list[dict]:
+        content = self.turn_system or self.system
+        return [{"role": "system", "content": content}] if content else []
 
     def messages(self) -> list[dict]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.turns
+        return self._system_messages() + self.turns
 
     def reset(self) -> None:
         self.turns.clear()
+        self.turn_system, self.passages = None, []
+
+    def _room(self) -> int:
+        # Room for a useful answer, but never more than half the window, or little would fit.
+        return min(self.sampling.max_new_tokens, self.lm.context // 2)
+
+    def _retrieve(self) -> None:
+        """Put the best passages for the newest question into this turn's system message."""
+        self.turn_system, self.passages = None, []
+        if self.retriever is None:
+            return
+        base = [{"role": "system", "content": self.system}] if self.system else []
+        augmented, self.passages = self.retriever.augment(base + self.turns[-1:], self.lm.tokenizer,
+                                                          self.lm.context, self._room())
+        if self.passages:
+            self.turn_system = augmented[0]["content"]
+        self.notices.append(describe(self.passages))
 
     def _fit(self) -> list[int] | None:
         """The prompt ids, after dropping the oldest turns until the answer has room;
         None if the newest message does not fit even alone (then nothing is dropped)."""
-        latest = [{"role": "system", "content": self.system}] if self.system else []
-        latest = encode_prompt(self.lm.tokenizer, latest + self.turns[-1:])
+        latest = encode_prompt(self.lm.tokenizer, self._system_messages() + self.turns[-1:])
         if len(latest) >= self.lm.context:
             self.notices.append(f"(that message is {len(latest)} tokens with the system prompt; "
                                 f"the context holds {self.lm.context}: not sent)")
             return None
-        # Room for a useful answer, but never more than half the window, or little would fit.
-        room = min(self.sampling.max_new_tokens, self.lm.context // 2)
+        room = self._room()
         dropped = 0
         ids = encode_prompt(self.lm.tokenizer, self.messages())
         while len(ids) + room > self.lm.context and len(self.turns) > 1:
@@ -64,6 +89,7 @@ class ChatSession:
         (even when the caller stops early, e.g. on Ctrl-C)."""
         self.notices = []
         self.turns.append({"role": "user", "content": text})
+        self._retrieve()
         prompt = self._fit()
         if prompt is None:
             self.turns.pop()
@@ -102,6 +128,8 @@ def run(args) -> int:
         torch.manual_seed(args.seed)
     try:
         lm = load(args.model_dir, args.device)
+        # Before the first prompt: indexing many documents takes a while, once.
+        retriever = open_retriever(args.docs, args.docs_top_k, args.docs_chars) if args.docs else None
     except (FileNotFoundError, ValueError) as e:
         print(f"zhlm chat: {e}", file=sys.stderr)
         return 2
@@ -117,10 +145,15 @@ def run(args) -> int:
     except ValueError as e:
         print(f"zhlm chat: {e}", file=sys.stderr)
         return 2
-    session = ChatSession(lm, sampling, system=args.system, seed=args.seed)
+    session = ChatSession(lm, sampling, system=args.system, seed=args.seed, retriever=retriever)
     mode = ("greedy" if sampling.temperature < MIN_TEMPERATURE
             else f"temperature {sampling.temperature}, top-p {sampling.top_p}")
-    print(f"zhlm chat: {lm.name} on {lm.device}, {lm.context}-token context, {mode}.\n{HELP}", flush=True)
+    print(f"zhlm chat: {lm.name} on {lm.device}, {lm.context}-token context, {mode}.", flush=True)
+    if retriever:
+        print(f"zhlm chat: {len(retriever.index.passages)} passages of {args.docs} "
+              f"({'indexed now' if retriever.index.built else 'index read from its cache'}); "
+              f"each question's best {retriever.top_k} go into the system message as far as they fit.")
+    print(HELP, flush=True)
     while True:
         try:
             line = input(">>> ")

@@ -5,6 +5,20 @@ import argparse
 import os
 import sys
 
+from zhlm.retrieval import REFERENCE_CHARS, TOP_K
+
+
+def add_docs_arguments(parser: argparse.ArgumentParser) -> None:
+    """--docs and its settings, the same for chat and serve (see zhlm.retrieval)."""
+    parser.add_argument("--docs", metavar="PATH",
+                        help="a folder of .txt/.md files or a parquet file (a `text` column, `id` if present): "
+                             "the best passages for each question go into the system message; the index is "
+                             "cached under ~/.cache/zhlm/retrieval/ and rebuilt when the documents change")
+    parser.add_argument("--docs-top-k", type=int, default=TOP_K, metavar="K", help="passages searched per "
+                        f"question (default {TOP_K}), put into the prompt as far as they leave the answer its room")
+    parser.add_argument("--docs-chars", type=int, default=REFERENCE_CHARS, metavar="N",
+                        help=f"most characters of the passages in the prompt (default {REFERENCE_CHARS})")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zhlm", description="Talk to a trained zhlm model folder.")
@@ -22,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt to start with")
     chat.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     chat.add_argument("--seed", type=int, help="seed for sampling, for reproducible answers")
+    add_docs_arguments(chat)
 
     serve = sub.add_parser("serve", help="serve the OpenAI chat completions API",
                            description="Serve a model folder over the OpenAI chat completions API "
@@ -33,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' (default: $ZHLM_API_KEY; none if unset)")
     serve.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     serve.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default 16)")
+    add_docs_arguments(serve)
     return parser
 
 

@@ -42,7 +42,17 @@ def config_errors(config: dict) -> list[str]:
     """What makes a config that its schema accepts (defaults filled in) impossible to train, one
     message per broken rule, each naming its keys and their values."""
     return model_shape_errors(config["model"]) + [
-        error for stage in TRAINING_STAGES for error in stage_errors(stage, config[stage], config["model"])]
+        error for stage in TRAINING_STAGES for error in stage_errors(stage, config[stage], config["model"])
+    ] + retrieval_errors(config)
+
+
+def retrieval_errors(config: dict) -> list[str]:
+    """The retrieval eval's documents are the texts of a pretrain source of the config."""
+    docs = config.get("retrieval", {}).get("docs")
+    pretrain = [name for name, source in config["sources"].items() if source["kind"] == "pretrain"]
+    if docs is None or docs in pretrain:
+        return []
+    return [f"retrieval.docs ({docs!r}) must name a pretrain source of the config: one of {', '.join(pretrain)}"]
 
 
 def model_shape_errors(model: dict) -> list[str]:

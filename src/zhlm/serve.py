@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zhlm.generate import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY, Sampling, stream
 from zhlm.inference import LoadedModel, TextStream, load
+from zhlm.retrieval import Retriever, open_retriever, passage_ids
 from zhlm.tokenizer.chat import ROLES, encode_prompt
 
 log = logging.getLogger("zhlm.serve")
@@ -441,8 +442,14 @@ def check_api_key(key: str) -> None:
 
 # --- the app ------------------------------------------------------------------------------
 
-def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", max_batch: int = 16) -> FastAPI:
-    """The API over the model in `model_dir`. The model worker starts now and stops with the app."""
+def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", max_batch: int = 16,
+               retriever: Retriever | None = None) -> FastAPI:
+    """The API over the model in `model_dir`. The model worker starts now and stops with the app.
+
+    With a retriever (--docs), the best passages for a request's last user message join its
+    system message, as many as leave the answer its room, and the response names them:
+    "zhlm_passages": [{"id", "score"}] on the completion, or on a stream's first chunk.
+    """
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
     if api_key:
@@ -497,7 +504,13 @@ def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", ma
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse_request(await read_json_body(request), lm)
-        prompt = encode_prompt(lm.tokenizer, req.messages)
+        messages, extra = req.messages, {}
+        if retriever is not None:
+            # The answer's room: what the client asked for, else as much as chat leaves it.
+            room = req.max_tokens or min(lm.defaults.max_new_tokens, lm.context // 2)
+            messages, hits = await asyncio.to_thread(retriever.augment, messages, lm.tokenizer, lm.context, room)
+            extra = {"zhlm_passages": passage_ids(hits)}
+        prompt = encode_prompt(lm.tokenizer, messages)
         if len(prompt) >= lm.context:
             raise ApiError(400, f"the messages are {len(prompt)} tokens; this model's context holds "
                                 f"{lm.context}, answer included", param="messages", code="context_length_exceeded")
@@ -508,7 +521,7 @@ def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", ma
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": lm.name,
                  "system_fingerprint": None}
         if req.stream:
-            return StreamingResponse(sse(job, reply, req.include_usage), media_type="text/event-stream",
+            return StreamingResponse(sse(job, reply, req.include_usage, extra), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text = []
         try:
@@ -521,7 +534,7 @@ def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", ma
         return {**reply, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                              "logprobs": None, "finish_reason": event[1]}],
-                "usage": usage(len(prompt), event[2])}
+                "usage": usage(len(prompt), event[2]), **extra}
 
     return app
 
@@ -532,17 +545,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def sse(job: Job, reply: dict, include_usage: bool):
-    """Server-sent events in OpenAI's chat.completion.chunk format, ending with [DONE]."""
-    def chunk(delta: dict, finish_reason=None) -> str:
+async def sse(job: Job, reply: dict, include_usage: bool, first: dict | None = None):
+    """Server-sent events in OpenAI's chat.completion.chunk format, ending with [DONE]; `first`
+    holds extra keys of the first chunk (zhlm_passages)."""
+    def chunk(delta: dict, finish_reason=None, extra: dict | None = None) -> str:
         body = {**reply, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
         if include_usage:
             body["usage"] = None
+        body |= extra or {}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk({"role": "assistant", "content": ""}, extra=first)
         while (event := await job.events.get())[0] == "text":
             yield chunk({"content": event[1]})
         if event[0] == "error":
@@ -564,7 +579,9 @@ def run(args) -> int:
     import uvicorn
 
     try:
-        app = create_app(args.model_dir, api_key=args.api_key or None, device=args.device, max_batch=args.max_batch)
+        retriever = open_retriever(args.docs, args.docs_top_k, args.docs_chars) if args.docs else None
+        app = create_app(args.model_dir, api_key=args.api_key or None, device=args.device, max_batch=args.max_batch,
+                         retriever=retriever)
     except (FileNotFoundError, ValueError) as e:
         print(f"zhlm serve: {e}")
         return 2
@@ -572,5 +589,8 @@ def run(args) -> int:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     print(f"zhlm serve: {app.state.engine.lm.name} on {app.state.engine.lm.device}, "
           f"OpenAI API at http://{args.host}:{args.port}/v1", flush=True)
+    if retriever:
+        print(f"zhlm serve: {len(retriever.index.passages)} passages of {args.docs} "
+              f"({'indexed now' if retriever.index.built else 'index read from its cache'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=os.environ.get("ZHLM_LOG_LEVEL", "info"))
     return 0

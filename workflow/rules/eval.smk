@@ -30,10 +30,39 @@ rule eval_stage:
         "../scripts/eval.py"
 
 
+# The final model answers held-out questions with and without passages of a source's texts in its
+# prompt (zhlm.eval.retrieval), where the config names the source (retrieval.docs).
+if config["retrieval"]["docs"]:
+
+    rule eval_retrieval:
+        input:
+            model=model_folder("dpo"),
+            docs=clean_shards(config["retrieval"]["docs"]),
+            tasks=split_files("sft", "eval"),
+        output:
+            "results/eval/retrieval.json",
+        params:
+            model_dir=lambda w, input: folder(input.model),
+            settings=config["retrieval"],
+            eval_settings={k: config["eval"][k] for k in ("max_task_items", "max_new_tokens", "batch_size", "device")},
+        threads: workflow.cores
+        resources:
+            gpu=gpus("eval"),
+        log:
+            "results/logs/eval/retrieval.log",
+        benchmark:
+            "results/benchmarks/eval/retrieval.tsv"
+        conda:
+            "../../envs/zhlm.yaml"
+        script:
+            "../scripts/eval_retrieval.py"
+
+
 rule report:
     input:
         results=expand("results/eval/{stage}.json", stage=["pretrain", "sft", "dpo"]),
         plots=expand("results/{stage}/loss.png", stage=["pretrain", "sft", "dpo"]),
+        retrieval=["results/eval/retrieval.json"] if config["retrieval"]["docs"] else [],
     output:
         md=report("results/eval/report.md", category="Eval", caption="../report/eval.rst"),
         summary="results/eval/summary.json",

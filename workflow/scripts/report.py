@@ -1,5 +1,5 @@
 """Write the eval report (Markdown) and the run's headline numbers (summary.json) from the
-stages' eval results and loss curves."""
+stages' eval results, loss curves and, where the run has it, the retrieval eval."""
 from pathlib import Path
 
 from zhlm.eval.report import summary, write_report
@@ -7,5 +7,7 @@ from zhlm.io import read_json, setup_logging, write_json
 
 setup_logging(snakemake.log[0])
 results = {Path(p).stem: read_json(p) for p in snakemake.input.results}
-write_report(results, snakemake.output.md, loss_plots={Path(p).parent.name: p for p in snakemake.input.plots})
+retrieval = read_json(snakemake.input.retrieval[0]) if snakemake.input.retrieval else None
+write_report(results, snakemake.output.md, loss_plots={Path(p).parent.name: p for p in snakemake.input.plots},
+             retrieval=retrieval)
 write_json(summary(results), snakemake.output.summary)

@@ -239,14 +239,45 @@ def _samples_section(results: dict) -> list[str]:
     return lines
 
 
+def _retrieval_section(r: dict | None) -> list[str]:
+    """zhlm.eval.retrieval's results, where the run has them."""
+    if not r:
+        return []
+    f1 = r["char_f1"]
+    rows = [["recall@1", r.get("recall@1")], ["recall@5", r.get("recall@5")],
+            ["right document in the prompt", r.get("right_in_prompt")],
+            ["reference answer in the prompt", r.get("answer_in_prompt")],
+            ["passages in the prompt (mean)", r.get("passages_in_prompt")],
+            ["char F1 without retrieval", f1.get("without")], ["char F1 with retrieval", f1.get("with")],
+            ["Δ char F1", _delta(f1.get("without"), f1.get("with"))],
+            ["char F1 with retrieval, right document in the prompt", f1.get("with_right_in_prompt")],
+            ["char F1 of the best passage itself as the answer (no model)", f1.get("best_passage")]]
+    lines = ["## Retrieval", "",
+             f"The final model ({r.get('model', 'dpo')}) answers {r['n']} held-out '{r['task']}' questions greedily, "
+             f"without and with the best of the documents' passages ({r.get('source', 'documents')}: "
+             f"{r['documents']} documents, {r['passages']} passages; BM25 over jieba words) in its system "
+             f"message: up to {r['top_k']}, as many as leave the answer its room, as `zhlm chat --docs` puts "
+             "them. A question ITEM#task's right document is the one with id ITEM; recall@k is the share of "
+             "questions whose right document is among the k best passages. Character F1 as under Held-out tasks.",
+             "", *_table(["metric", "value"], rows)]
+    for s in r.get("samples", []):
+        lines += [f"**Prompt:** {_cell(s['prompt'])} (passages: {', '.join(s['passages']) or 'none'})", "",
+                  f"- reference: {_cell(s['reference'])}", f"- without: {_cell(s['without'])}",
+                  f"- with: {_cell(s['with'])}", ""]
+    return lines
+
+
 def write_report(results: dict[str, dict], out_md: str | os.PathLike, *,
-                 loss_plots: dict[str, str | os.PathLike] | None = None, title: str = "zhlm eval report") -> None:
-    """Write the report (atomically); images are linked relative to the report's folder."""
+                 loss_plots: dict[str, str | os.PathLike] | None = None, retrieval: dict | None = None,
+                 title: str = "zhlm eval report") -> None:
+    """Write the report (atomically); images are linked relative to the report's folder. `retrieval`:
+    zhlm.eval.retrieval's results, shown as a section when given."""
     out_md = Path(out_md)
     lines = [f"# {title}", "", "Stages: " + ", ".join(results) + ".", ""]
     for section in (_stages_section, _bpc_section, _task_section, _looping_section, _preference_section,
                     _choice_section, _samples_section):
         lines += section(results)
+    lines += _retrieval_section(retrieval)
     if loss_plots:
         lines += ["## Loss curves", ""]
         for stage, path in loss_plots.items():

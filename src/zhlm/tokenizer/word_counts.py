@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 _jieba = None
 
 
-def _init_jieba():
+def init_jieba():
     """Import and initialise jieba once per process (loading its dictionary takes ~0.5 s)."""
     global _jieba
     if _jieba is None:
@@ -37,7 +37,7 @@ def _init_jieba():
 
 
 def _count_chunk(texts: Sequence[str]) -> collections.Counter:
-    jieba = _init_jieba()
+    jieba = init_jieba()
     counts: collections.Counter = collections.Counter()
     for text in texts:
         if text:
@@ -99,7 +99,7 @@ def count_words(
         # script) in every worker. A bounded window of apply_async calls instead of
         # Pool.imap, because imap's feeder thread reads the whole input ahead and so
         # would hold the corpus in memory when the workers are slower than the reader.
-        with mp.get_context("fork").Pool(processes, initializer=_init_jieba) as pool:
+        with mp.get_context("fork").Pool(processes, initializer=init_jieba) as pool:
             pending: collections.deque = collections.deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(_count_chunk, (chunk,)))
