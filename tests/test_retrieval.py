@@ -5,15 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import uvicorn
 from test_chat import Terminal, shown
+from test_serve import serving
 
 from zhlm.chat import ChatSession
 from zhlm.eval.report import write_report
@@ -229,17 +227,8 @@ def retriever(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(model_dir, retriever):
-    server = uvicorn.Server(uvicorn.Config(create_app(model_dir, retriever=retriever), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=15)
+    with serving(create_app(model_dir, retriever=retriever)) as url:
+        yield url
 
 
 def test_serve_puts_the_passages_in_the_prompt_and_returns_their_ids(base_url, lm, retriever):

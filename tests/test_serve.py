@@ -3,6 +3,7 @@ the API key, bad requests, and 32 concurrent requests that each get their lone a
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import json
 import random
 import socket
@@ -32,11 +33,10 @@ def lm(model_dir):
     return load(model_dir)
 
 
-@pytest.fixture(scope="module")
-def base_url(model_dir):
-    """The server, with an API key, on a free loopback port in a thread."""
-    server = uvicorn.Server(uvicorn.Config(create_app(model_dir, api_key=KEY, max_batch=16),
-                                           host="127.0.0.1", port=0, log_level="warning"))
+@contextlib.contextmanager
+def serving(app):
+    """`app` served on a free loopback port in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -48,6 +48,13 @@ def base_url(model_dir):
     server.should_exit = True
     thread.join(timeout=15)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def base_url(model_dir):
+    """The server, with an API key."""
+    with serving(create_app(model_dir, api_key=KEY, max_batch=16)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
