@@ -427,6 +427,11 @@ def test_summary_is_flat_headline_numbers():
         "sft.choice.idioms.letter_accuracy": 0.25, "sft.choice.idioms.cloze_accuracy": 0.5}
     assert flat["dpo.implicit_reward.accuracy"] == 0.8 and flat["dpo.implicit_reward.mean_margin"] == 0.25
     assert flat["dpo.looping"] == 0.5 and flat["dpo.origin.looping"] == 0.5
+    assert not any(k.startswith("retrieval.") for k in flat)
+    retrieval = {"task": "meaning", "n": 100, "recall@1": 0.97, "recall@5": 1.0,
+                 "char_f1": {"without": 0.072, "with": 0.073, "best_passage": 0.33}}
+    assert summary(RESULTS, retrieval) == flat | {"retrieval.recall@1": 0.97, "retrieval.recall@5": 1.0,
+                                                  "retrieval.char_f1.without": 0.072, "retrieval.char_f1.with": 0.073}
 
 
 def test_report_shows_each_stage_beside_the_previous(tmp_path):

@@ -498,6 +498,7 @@ def test_eval_scores_every_stage_and_writes_the_report(dag):
     summary = stats(results / "summary.json")
     assert summary["pretrain.bpc"] == stats(results / "pretrain.json")["bpc"]["bpc"]
     assert "dpo.implicit_reward.accuracy" in summary and "dpo.looping" in summary
+    assert summary["retrieval.recall@1"] == stats(results / "retrieval.json")["recall@1"]
 
 
 # --- the same DAG through SLURM ----------------------------------------------

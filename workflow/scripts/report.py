@@ -10,4 +10,4 @@ results = {Path(p).stem: read_json(p) for p in snakemake.input.results}
 retrieval = read_json(snakemake.input.retrieval[0]) if snakemake.input.retrieval else None
 write_report(results, snakemake.output.md, loss_plots={Path(p).parent.name: p for p in snakemake.input.plots},
              retrieval=retrieval)
-write_json(summary(results), snakemake.output.summary)
+write_json(summary(results, retrieval), snakemake.output.summary)

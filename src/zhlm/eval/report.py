@@ -66,8 +66,10 @@ def delta_table(columns: dict[str, dict[str, float]], label: str = "metric") -> 
     return _table(header, rows)
 
 
-def summary(results: dict[str, dict]) -> dict[str, float]:
-    """The headline numbers of a run, flat: {"stage.metric": value}, stages in the results' order.
+def summary(results: dict[str, dict], retrieval: dict | None = None) -> dict[str, float]:
+    """The headline numbers of a run, flat: {"stage.metric": value}, stages in the results' order,
+    then, where the run has a retrieval eval, its recall and its answers' character F1 without and
+    with retrieval (`retrieval.recall@1`, `retrieval.char_f1.with`, ...).
 
     Per stage, where it has them: bpc; each task's metrics (TASK_METRICS) and its looping share
     (`task.metric`); the looping share of all generated answers (`looping`) and of the sample
@@ -93,6 +95,10 @@ def summary(results: dict[str, dict]) -> dict[str, float]:
             for metric in ("letter_accuracy", "cloze_accuracy"):
                 values[f"choice.{name}.{metric}"] = c.get(metric)
         out |= {f"{stage}.{key}": value for key, value in values.items() if value is not None}
+    if retrieval:
+        out |= {f"retrieval.{k}": retrieval[k] for k in ("recall@1", "recall@5") if k in retrieval}
+        f1 = retrieval.get("char_f1", {})
+        out |= {f"retrieval.char_f1.{k}": f1[k] for k in ("without", "with") if k in f1}
     return out
 
 
