@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zhlm.eval.retrieval import evaluate_retrieval, read_documents
+from zhlm.eval.retrieval import evaluate_retrieval, source_documents
 from zhlm.inference import load
 from zhlm.io import read_parquets
 from zhlm.retrieval import open_index
@@ -41,7 +41,7 @@ def main() -> None:
     results = Path(args.results)
     doc_files = sorted(p for p in (results / "clean/shards" / args.docs).glob("*.parquet")
                        if p.stem.isdigit())
-    documents = read_documents(doc_files)
+    documents = source_documents(doc_files)
     rows = read_parquets(sorted(results.glob("split/sft/*/*/eval.parquet"))).to_pylist()
     lm = load(args.model or results / "dpo", args.device)
     print(f"{len(documents)} documents from {len(doc_files)} files; model {lm.name} on {lm.device}, "

@@ -88,7 +88,7 @@ def evaluate_retrieval(model, tokenizer: Tokenizer, documents: list[tuple[str, s
     }
 
 
-def read_documents(paths) -> list[tuple[str, str]]:
+def source_documents(paths) -> list[tuple[str, str]]:
     """(id, text) of the rows of parquet files with `id` and `text` columns (a source's texts)."""
     table = read_parquets(paths)
     return [(i, t) for i, t in zip(table.column("id").to_pylist(), table.column("text").to_pylist()) if t]
