@@ -1,13 +1,15 @@
 """SFT or DPO recipes side by side: held-out task metrics, forgetting, looping, implicit reward.
 
     python benchmarks/bench_align.py sft [--results results] [--config config/config.yaml]
-        [--pretrain-overrides JSON] [--variants NAME,NAME...] [--device auto] [--out FILE.json]
-    python benchmarks/bench_align.py dpo [--results results] ...
+        [--pretrain-overrides JSON] [--variants NAME,NAME...] [--device auto] [--out FILE.json] [--keep DIR]
+    python benchmarks/bench_align.py dpo [--results results] [--sft DIR] ...
 
 Reads a finished run's files under --results (tokens/, tokenizer/, split/; for dpo also sft/,
 rollouts/ and tokens/dpo/). sft: pretrains once with the config's `pretrain` settings (plus
 --pretrain-overrides), then runs each SFT variant (overrides of the config's `sft` settings,
-SFT_VARIANTS) from that model. dpo: runs each DPO variant (DPO_VARIANTS) from results/sft.
+SFT_VARIANTS) from that model (--keep DIR keeps each model folder). dpo: runs each DPO variant
+(DPO_VARIANTS: overrides of the config's `dpo` settings, and of its `rollouts` settings under
+"rollouts", which makes new pairs) from --sft (default results/sft).
 Each model is scored as the eval stage scores it: bits per character on held-out pretraining
 text (what the stage forgets), the held-out task metrics (greedy answers), the share of looping
 answers, and for dpo the implicit-reward accuracy on the held-out pairs against results/sft.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,37 +26,44 @@ from pathlib import Path
 import yaml
 
 from zhlm.eval.run import evaluate_model
-from zhlm.io import read_parquets
+from zhlm.io import read_parquets, write_parquet
+from zhlm.tokenizer.conversations import tokenize_dpo
 from zhlm.tokenizer.word_counts import iter_parquet_texts
-from zhlm.train import dpo, pretrain, sft
+from zhlm.train import dpo, pretrain, rollouts, sft
 
 SFT_VARIANTS = {
     "config": {},
-    "lr=1e-3": {"lr": 1e-3},
-    "lr=2e-3": {"lr": 2e-3},
-    "mix=0.25": {"pretrain_mix": 0.25},
-    "lr=1e-3 mix=0.25": {"lr": 1e-3, "pretrain_mix": 0.25},
-    "muon": {"optimizer": "muon", "muon_lr": 0.005},
-    "steps x2": {"steps": 1000},
-    "steps x2 mix=0.25 muon": {"steps": 1000, "pretrain_mix": 0.25, "optimizer": "muon", "muon_lr": 0.005},
-    "steps x4 mix=0.25": {"steps": 2000, "pretrain_mix": 0.25},
-    "steps x4 mix=0.25 muon": {"steps": 2000, "pretrain_mix": 0.25, "optimizer": "muon", "muon_lr": 0.005},
+    "adamw plain": {"optimizer": "adamw", "pretrain_mix": 0.0, "group_by_length": False, "steps": 500},
+    "muon_lr=0.0025": {"muon_lr": 0.0025},
+    "muon_lr=0.01": {"muon_lr": 0.01},
+    "muon_lr=0.02": {"muon_lr": 0.02},
+    "steps=1400": {"steps": 1400},
+    "steps=1400 muon_lr=0.01": {"steps": 1400, "muon_lr": 0.01},
+    "steps=1400 muon_lr=0.02": {"steps": 1400, "muon_lr": 0.02},
+    "steps=1400 muon_lr=0.02 lr=1e-3": {"steps": 1400, "muon_lr": 0.02, "lr": 1e-3},
+    "steps=2000": {"steps": 2000},
+    "steps=2000 muon_lr=0.02": {"steps": 2000, "muon_lr": 0.02},
 }
 DPO_VARIANTS = {
     "config": {},
     "sft_weight=0": {"sft_weight": 0.0},
-    "sft_weight=0 plain batches": {"sft_weight": 0.0, "group_by_length": False},
     "beta=0.3": {"beta": 0.3},
     "lr=1e-4": {"lr": 1e-4},
+    "steps=200": {"steps": 200},
+    "greedy rollouts": {"rollouts": {"temperature": 0.0}},
+    "greedy rollouts lr=1e-4": {"lr": 1e-4, "rollouts": {"temperature": 0.0}},
+    "greedy rollouts steps=200": {"steps": 200, "rollouts": {"temperature": 0.0}},
+    "greedy rollouts beta=0.3": {"beta": 0.3, "rollouts": {"temperature": 0.0}},
 }
 HEADLINE = (("polarity", "accuracy"), ("segmentation", "f1"), ("pinyin", "exact_match"), ("meaning", "char_f1"),
             ("origin", "char_f1"), ("example", "char_f1"))
 
 
-def score(model_dir, stage, results: Path, config, device, reference_dir=None, dpo_settings=None) -> dict:
+def score(model_dir, stage, results: Path, config, device, reference_dir=None, dpo_settings=None,
+          pairs_file=None) -> dict:
     pairs = []
     if stage == "dpo":
-        pairs = [r for r in read_parquets([results / "rollouts/pairs.parquet"]).to_pylist()
+        pairs = [r for r in read_parquets([pairs_file or results / "rollouts/pairs.parquet"]).to_pylist()
                  if r.get("split", "eval") == "eval"]
     result = evaluate_model(
         model_dir, stage=stage, val_texts=iter_parquet_texts(sorted(results.glob("split/pretrain/*/*/val.parquet")),
@@ -87,19 +97,40 @@ def run_sft(args, config, results: Path, tmp: Path) -> list[dict]:
         rows.append({"variant": name, "train_s": time.perf_counter() - t0,
                      **score(tmp / name, "sft", results, config, args.device)})
         print(json.dumps(rows[-1]), flush=True)
+        if args.keep:
+            shutil.copytree(tmp / name, Path(args.keep) / name.replace(" ", "_"),
+                            ignore=shutil.ignore_patterns("_ckpt"), dirs_exist_ok=True)
     return rows
 
 
+def make_pairs(sft_dir: Path, results: Path, config, overrides: dict, device, out: Path) -> tuple[Path, Path]:
+    """New rollouts of the SFT model with the config's rollout settings plus overrides, and their
+    token files; returns (pairs file, token folder)."""
+    pairs, stats = rollouts.run(sft_dir, sorted(results.glob("split/sft/*/*/dpo_prompts.parquet")),
+                                settings=config["rollouts"] | {"device": device} | overrides, progress=False)
+    print(json.dumps({"rollouts": overrides, **stats}), flush=True)
+    write_parquet(pairs, out / "pairs.parquet")
+    tokenize_dpo([out / "pairs.parquet"], [], results / "tokenizer/tokenizer.json", out / "tokens")
+    return out / "pairs.parquet", out / "tokens"
+
+
 def run_dpo(args, config, results: Path, tmp: Path) -> list[dict]:
-    rows = [{"variant": "sft", "train_s": 0.0, **score(results / "sft", "sft", results, config, args.device)}]
+    sft_dir = Path(args.sft or results / "sft")
+    rows = [{"variant": "sft", "train_s": 0.0, **score(sft_dir, "sft", results, config, args.device)}]
     print(json.dumps(rows[-1]), flush=True)
+    made: dict[str, tuple[Path, Path]] = {}  # rollout overrides -> (pairs, tokens), made once
     for name in (args.variants or ",".join(DPO_VARIANTS)).split(","):
-        settings = config["dpo"] | {"device": args.device} | DPO_VARIANTS[name]
+        overrides = dict(DPO_VARIANTS[name])
+        rollout_overrides = overrides.pop("rollouts", {})
+        key = json.dumps(rollout_overrides, sort_keys=True)
+        if key not in made:
+            made[key] = make_pairs(sft_dir, results, config, rollout_overrides, args.device, tmp / f"pairs{len(made)}")
+        pairs_file, tokens = made[key]
+        settings = config["dpo"] | {"device": args.device} | overrides
         t0 = time.perf_counter()
-        dpo.run(results / "sft", results / "tokenizer", results / "tokens/dpo", tmp / name, tmp / "ckpt",
-                settings=settings, progress=False)
+        dpo.run(sft_dir, results / "tokenizer", tokens, tmp / name, tmp / "ckpt", settings=settings, progress=False)
         rows.append({"variant": name, "train_s": time.perf_counter() - t0,
-                     **score(tmp / name, "dpo", results, config, args.device, results / "sft", settings)})
+                     **score(tmp / name, "dpo", results, config, args.device, sft_dir, settings, pairs_file)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -112,6 +143,8 @@ def main():
     parser.add_argument("--pretrain-overrides", default="{}", help="sft: overrides of the config's pretrain")
     parser.add_argument("--variants", help="comma-separated names (default: all of the stage's)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--keep", help="sft: keep each variant's model folder under this folder")
+    parser.add_argument("--sft", help="dpo: the SFT model folder (default: RESULTS/sft)")
     parser.add_argument("--out")
     args = parser.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())

@@ -89,6 +89,12 @@ def score_task(task: str, items: list[dict]) -> dict:
     return out
 
 
+def answer_budget(task: str, max_new_tokens: int) -> int:
+    """Tokens an answer may take: a segmentation answer repeats its whole input sentence with
+    spaces, so it gets twice the budget."""
+    return 2 * max_new_tokens if task == "segmentation" else max_new_tokens
+
+
 def _item_score(task: str, pred: str, ref: str) -> float:
     """The headline score of one answer, kept with it for reading answers."""
     if task == "pinyin":
@@ -104,15 +110,13 @@ def evaluate_tasks(model, tokenizer: Tokenizer, rows: list[dict], *, max_new_tok
                    batch_size: int = 16, per_task_limit: int | None = None) -> tuple[dict, list[dict]]:
     """Answer held-out sft rows greedily and score them per task.
 
-    Returns (metrics by task, answers). A segmentation answer repeats its whole
-    input sentence with spaces, so it gets twice the token budget. A row whose
-    prompt does not fit the context is counted in `skipped`, not scored.
+    Returns (metrics by task, answers); each task's answers get answer_budget tokens. A row
+    whose prompt does not fit the context is counted in `skipped`, not scored.
     """
     metrics, answers = {}, []
     for task, group in select_rows(rows, per_task_limit).items():
-        budget = 2 * max_new_tokens if task == "segmentation" else max_new_tokens
         preds = answer_prompts(model, tokenizer, [messages_of(_question(r)) for r in group],
-                               max_new_tokens=budget, batch_size=batch_size)
+                               max_new_tokens=answer_budget(task, max_new_tokens), batch_size=batch_size)
         items = []
         for row, pred in zip(group, preds):
             if pred is None:

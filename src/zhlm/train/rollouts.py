@@ -1,11 +1,14 @@
 """DPO rollouts: the SFT model answers held-back prompts; its answer is `rejected`, the reference `chosen`.
 
 Pairs whose two answers are nearly the same (character similarity at or above
-`max_similarity`) teach nothing and are dropped, and counted. A share of the
-pairs, chosen by a hash of their id, is kept for evaluation only.
+`max_similarity`) teach nothing and are dropped, and counted (so a rollout that answers
+a checkable task exactly right never becomes a rejected answer). Each task's answers get
+the token budget the eval gives them. A share of the pairs, chosen by a hash of their id, is kept
+for evaluation only.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 from dataclasses import dataclass
@@ -14,6 +17,8 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from zhlm.eval.metrics import loop_unit
+from zhlm.eval.tasks import answer_budget, task_of
 from zhlm.generate import Sampling, generate
 from zhlm.inference import load
 from zhlm.io import read_parquets
@@ -56,14 +61,18 @@ def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_siz
     fits = [i for i, p in enumerate(prompts) if len(p) < context]
     too_long = len(prompts) - len(fits)
     rows, prompts = [rows[i] for i in fits], [prompts[i] for i in fits]
-    # Batches of similar prompt length waste less on padding.
-    order = sorted(range(len(rows)), key=lambda i: (len(prompts[i]), rows[i]["id"]))
+    tasks = [task_of(row["id"]) for row in rows]
+    # Batches of one answer budget and similar prompt length waste less on padding.
+    order = sorted(range(len(rows)), key=lambda i: (answer_budget(tasks[i], sampling.max_new_tokens),
+                                                    len(prompts[i]), rows[i]["id"]))
     answers: dict[int, str] = {}
     for first in tqdm(range(0, len(order), batch_size), desc="rollouts", unit="batch", disable=not progress):
         batch = order[first:first + batch_size]
-        outputs = generate(model, [prompts[i] for i in batch], sampling, stop_ids=stop, generator=generator)
+        budgets = {answer_budget(tasks[i], sampling.max_new_tokens) for i in batch}
+        batch_sampling = dataclasses.replace(sampling, max_new_tokens=max(budgets))
+        outputs = generate(model, [prompts[i] for i in batch], batch_sampling, stop_ids=stop, generator=generator)
         for i, ids in zip(batch, outputs):
-            answers[i] = tokenizer.decode(ids)
+            answers[i] = tokenizer.decode(ids[:answer_budget(tasks[i], sampling.max_new_tokens)])
     pairs, dropped = [], 0
     for i, row in enumerate(rows):
         if similarity(answers[i], row["response"]) >= max_similarity:
@@ -82,6 +91,7 @@ def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_siz
     table = pa.Table.from_pylist(pairs, schema=schema)
     stats = {"prompts": len(rows) + too_long, "pairs": len(pairs), "dropped_similar": dropped,
              "skipped_too_long": too_long,
+             "looping_rollouts": sum(loop_unit(a) is not None for a in answers.values()),
              "eval_pairs": sum(p["split"] == "eval" for p in pairs), "max_similarity": max_similarity,
              "mean_answer_chars": sum(map(len, answers.values())) / max(1, len(answers))}
     return table, stats
@@ -95,4 +105,5 @@ def run(model_dir, prompt_files, *, settings: dict, progress: bool = True) -> tu
     rows = sorted(read_parquets(prompt_files).to_pylist(), key=lambda r: r["id"])[:cfg.max_prompts]
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     return rollout(lm.model, lm.tokenizer, rows, sampling, batch_size=cfg.batch_size, seed=cfg.seed,
-                   max_similarity=cfg.max_similarity, eval_fraction=cfg.eval_fraction, progress=progress)
+                   max_similarity=cfg.max_similarity, eval_fraction=cfg.eval_fraction,
+                   progress=progress)
