@@ -63,6 +63,17 @@ def page(browser, base_url):
     page.close()
 
 
+def test_a_server_without_a_key_is_not_asked_for_one(browser, model_dir):
+    from playwright.sync_api import expect
+
+    with serving(create_app(model_dir)) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/")
+        expect(page.locator("#model")).to_have_text(model_dir.name)  # the page has asked the server
+        expect(page.locator("#key")).to_be_hidden()
+        page.close()
+
+
 def api_answer(base_url, messages):
     """The API's greedy answer to `messages`, not streamed."""
     body = {"messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS}
