@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import importlib.resources
 import itertools
 import json
 import logging
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zhlm.generate import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY, Sampling, stream
@@ -417,14 +418,17 @@ class RequireKey:
     As HTTP says: the scheme is case-insensitive (RFC 7235, so `bearer KEY` is accepted),
     and whitespace around the header's value is no part of it (RFC 9110, so a trailing space
     is accepted); the key itself must match exactly, compared in constant time.
-    /health stays open, so that a load balancer can probe without the key.
+    /health stays open, so that a load balancer can probe without the key, and so does the
+    chat page at /, which holds no secret: it asks its user for the key.
     """
+
+    OPEN = ("/", "/health")
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
             value = dict(scope["headers"]).get(b"authorization", b"").strip(b" \t")
             scheme, _, given = value.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.lstrip(b" "), self.key):
@@ -440,11 +444,22 @@ def check_api_key(key: str) -> None:
         raise ValueError("the API key must be visible ASCII characters, without spaces")
 
 
+# The chat page: one file shipped in the package (package data). Its policy lets it run its own
+# inline script and style and talk to this server only, so it works offline and loads nothing else.
+CHAT_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                    "connect-src 'self'; img-src data:; frame-ancestors 'none'")
+
+
+def chat_page() -> str:
+    return (importlib.resources.files("zhlm") / "static" / "chat.html").read_text(encoding="utf-8")
+
+
 # --- the app ------------------------------------------------------------------------------
 
 def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", max_batch: int = 16,
                retriever: Retriever | None = None) -> FastAPI:
-    """The API over the model in `model_dir`. The model worker starts now and stops with the app.
+    """The API over the model in `model_dir`, and the chat page at /. The model worker starts now
+    and stops with the app.
 
     With a retriever (--docs), the best passages for a request's last user message join its
     system message, as many as leave the answer its room, and the response names them:
@@ -455,6 +470,7 @@ def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", ma
     if api_key:
         check_api_key(api_key)
     lm = load(model_dir, device)
+    page = chat_page()
     engine = Engine(lm, max_batch=max_batch)
     created = int(time.time())
 
@@ -479,6 +495,10 @@ def create_app(model_dir, *, api_key: str | None = None, device: str = "cpu", ma
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
         return error_response(500, "internal server error", type="server_error")
+
+    @app.get("/", include_in_schema=False)
+    async def chat():
+        return HTMLResponse(page, headers={"Content-Security-Policy": CHAT_PAGE_POLICY, "Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health():
@@ -587,8 +607,9 @@ def run(args) -> int:
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"zhlm serve: {app.state.engine.lm.name} on {app.state.engine.lm.device}, "
-          f"OpenAI API at http://{args.host}:{args.port}/v1", flush=True)
+          f"OpenAI API at {url}/v1, chat page at {url}/", flush=True)
     if retriever:
         print(f"zhlm serve: {len(retriever.index.passages)} passages of {args.docs} "
               f"({'indexed now' if retriever.index.built else 'index read from its cache'})", flush=True)
