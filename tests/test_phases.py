@@ -141,3 +141,10 @@ def test_a_two_phase_pretrain_killed_at_the_boundary_resumes_to_the_uninterrupte
     log = (resumed / "train_log.csv").read_text().splitlines()
     phase = log[0].split(",").index("phase")
     assert [int(row.split(",")[phase]) for row in log[1:]] == [0] * 4 + [1] * 8
+
+
+def test_phases_that_do_not_add_up_to_the_steps_fail_naming_the_keys():
+    with pytest.raises(ValueError, match=r"pretrain.phases' steps add up to 9 \(4 \+ 5\), not pretrain.steps \(10\)"):
+        TrainConfig(steps=10, phases=[{"steps": 4}, {"steps": 5}])
+    with pytest.raises(ValueError, match=r"pretrain.phases\[0\].mixture.a \(-1\) must be a positive weight"):
+        TrainConfig(steps=4, phases=[{"steps": 4, "mixture": {"a": -1}}])
