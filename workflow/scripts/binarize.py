@@ -9,5 +9,5 @@ meta = {split: binarize(snakemake.input[split], snakemake.input.tokenizer, snake
         for split in ("train", "val")}
 write_json(meta, snakemake.output.meta)
 log.info("tokens: %s", {k: v["tokens"] for k, v in meta.items()})
-log.info("train tokens per source: %s",
-         {source: sum(end - start for start, end in spans) for source, spans in meta["train"].get("sources", {}).items()})
+spans = meta["train"].get("sources", {})
+log.info("train tokens per source: %s", {source: sum(b - a for a, b in runs) for source, runs in spans.items()})
