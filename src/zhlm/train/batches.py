@@ -96,7 +96,8 @@ class MixtureWindows:
         names, weights = self.mixtures[phase_at(self.phases, step)[0]]
         rng = np.random.default_rng([self.seed, step])
         # Stratified: B evenly spaced points with one random offset, read off the cumulative weights,
-        # give every source the floor or the ceiling of B × its weight windows in each batch.
+        # give every source the floor or the ceiling of B × its weight windows in each batch. The rows
+        # come grouped by source; the loss is summed over the global batch, so their order is no matter.
         points = (np.arange(self.batch_size) + rng.random()) / self.batch_size
         which = np.minimum(np.searchsorted(np.cumsum(weights), points, side="right"), len(names) - 1)
         starts = np.empty(self.batch_size, dtype=np.int64)
