@@ -56,3 +56,26 @@ def test_large_vocab_uses_uint32(tmp_path):
     meta = binarize(tmp_path / "d.parquet", tmp_path / "tok.json", tmp_path / "d.bin", progress=False)
     assert meta["dtype"] == "uint32"
     assert (tmp_path / "d.bin").stat().st_size == 4 * meta["tokens"] == 4 * 4
+
+
+def test_each_source_has_its_token_spans(tmp_path):
+    tok = byte_tokenizer(tmp_path / "tok.json")
+    # Files in source order, as split files come; "b" comes back after "c" in the last file.
+    parts = [(["a", "a"], ["一", "二三"]), (["b", "c", "c"], ["四五六", None, "七"]), (["c", "b"], ["八九", "十"])]
+    files = []
+    for k, (sources, texts) in enumerate(parts):
+        files.append(tmp_path / f"{k}.parquet")
+        write_parquet(pa.table({"id": [str(i) for i in range(len(texts))], "source": sources,
+                                "text": pa.array(texts, pa.string())}), files[-1])
+    meta = binarize(files, tmp_path / "tok.json", tmp_path / "t.bin", batch_size=2, progress=False)
+    ids = load_tokens(tmp_path / "t.bin", meta["dtype"])
+    # Each character is 3 bytes of UTF-8, a token each, and one <|endoftext|> ends each document.
+    assert meta["sources"] == {"a": [[0, 11]], "b": [[11, 21], [32, 36]], "c": [[21, 32]]}
+    texts = {name: [tok.decode(ids[a:b].tolist()) for a, b in runs] for name, runs in meta["sources"].items()}
+    assert texts == {"a": ["一二三"], "b": ["四五六", "十"], "c": ["七八九"]}
+
+
+def test_files_without_a_source_column_give_no_spans(tmp_path):
+    byte_tokenizer(tmp_path / "tok.json")
+    write_parquet(pa.table({"text": ["一", "二"]}), tmp_path / "d.parquet")
+    assert "sources" not in binarize(tmp_path / "d.parquet", tmp_path / "tok.json", tmp_path / "d.bin", progress=False)

@@ -14,6 +14,7 @@ from zhlm.eval.run import EvalConfig
 from zhlm.model import ModelConfig
 from zhlm.train.loop import TrainConfig
 from zhlm.train.lora import LoraSettings
+from zhlm.train.phases import Phase
 from zhlm.train.rollouts import RolloutConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +22,9 @@ SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text
 
 
 def schema_defaults(section: dict) -> dict:
-    return {key: spec["default"] for key, spec in section["properties"].items()}
+    """Every property's default; a required property has none."""
+    return {key: spec["default"] for key, spec in section["properties"].items()
+            if key not in section.get("required", ())}
 
 
 def dataclass_defaults(cls) -> dict:
@@ -34,12 +37,13 @@ def dataclass_defaults(cls) -> dict:
 @pytest.mark.parametrize("cls, section, every_field", [
     (TrainConfig, SCHEMA["definitions"]["training"], True),
     (LoraSettings, SCHEMA["definitions"]["lora"], True),
+    (Phase, SCHEMA["definitions"]["phase"], True),
     (EvalConfig, SCHEMA["properties"]["eval"], True),
     (RolloutConfig, SCHEMA["properties"]["rollouts"], True),
     (RetrievalEvalConfig, SCHEMA["properties"]["retrieval"], True),
     # The model's config also holds what the data decides (vocab_size, token ids), not in the schema.
     (ModelConfig, SCHEMA["properties"]["model"], False),
-], ids=["training", "lora", "eval", "rollouts", "retrieval", "model"])
+], ids=["training", "lora", "phase", "eval", "rollouts", "retrieval", "model"])
 def test_dataclass_defaults_are_the_schemas(cls, section, every_field):
     schema, ours = schema_defaults(section), dataclass_defaults(cls)
     assert set(schema) <= set(ours), f"{cls.__name__} lacks {sorted(set(schema) - set(ours))}"
@@ -84,8 +88,27 @@ BROKEN = {
     "batch not split over processes": ({"dpo": {"global_batch": 4, "micro_batch": 2, "nproc": 2, "nodes": 2}},
                                        "dpo.global_batch (4) must be divisible by dpo.micro_batch × dpo.nproc × "
                                        "dpo.nodes (2 × 2 × 2 = 8)"),
+    "phases not adding up to the steps": ({"pretrain": {"phases": [{"steps": 4}, {"steps": 3}]}},
+                                          "pretrain.phases' steps add up to 7 (4 + 3), not pretrain.steps (6)"),
+    "a mixture of an unknown source": ({"pretrain": {"phases": [{"steps": 6, "mixture": {"demo_idioms": 1,
+                                                                                         "wiki": 2}}]}},
+                                       "pretrain.phases[0].mixture names 'wiki', which is not a pretrain source "
+                                       "of the config: one of demo_news, demo_reviews, demo_idioms"),
+    "a weight that is not positive": ({"pretrain": {"phases": [{"steps": 2}, {"steps": 4, "mixture": {
+                                          "demo_news": 0}}]}},
+                                      "pretrain.phases[1].mixture.demo_news (0) must be a positive weight"),
     "retrieval documents not a pretrain source": ({"retrieval": {"docs": "demo_idiom_tasks"}},
                                                   "retrieval.docs ('demo_idiom_tasks') must name a pretrain source"),
+}
+
+
+# More rules of pretrain.phases, checked here only (BROKEN is also run through Snakemake).
+BROKEN_PHASES = {
+    "a mixture of an sft source": ({"pretrain": {"phases": [{"steps": 6, "mixture": {"demo_polarity": 1}}]}},
+                                   "pretrain.phases[0].mixture names 'demo_polarity', which is not a pretrain source"),
+    "an empty mixture": ({"pretrain": {"phases": [{"steps": 6, "mixture": {}}]}},
+                         "pretrain.phases[0].mixture is empty"),
+    "phases in sft": ({"sft": {"phases": [{"steps": 4}]}}, "sft.phases must be null"),
 }
 
 
@@ -102,7 +125,8 @@ def test_the_tiny_and_default_configs_can_train():
         assert config_errors(with_defaults(config)) == [], path
 
 
-@pytest.mark.parametrize("change, message", BROKEN.values(), ids=BROKEN.keys())
+@pytest.mark.parametrize("change, message", [*BROKEN.values(), *BROKEN_PHASES.values()],
+                         ids=[*BROKEN, *BROKEN_PHASES])
 def test_a_config_that_cannot_train_is_named_by_its_keys(change, message):
     errors = config_errors(with_defaults(broken_config(change)))
     assert len(errors) == 1 and errors[0].startswith(message), errors

@@ -211,8 +211,15 @@ def test_token_files_hold_every_document(dag):
         assert m["tokenizer_sha256"] == hashlib.sha256((results / "tokenizer/tokenizer.json").read_bytes()).hexdigest()
         ids = np.fromfile(results / f"tokens/{split}.bin", dtype=np.uint16)
         docs = np.split(ids, np.flatnonzero(ids == m["eot_id"]) + 1)[:-1]
-        texts = [r["text"] for r in split_rows(dag, "pretrain", split)]
-        assert [tokenizer.decode(d[:-1].tolist()) for d in docs] == texts
+        rows = split_rows(dag, "pretrain", split)
+        assert [tokenizer.decode(d[:-1].tolist()) for d in docs] == [r["text"] for r in rows]
+        # Each source's spans (what pretrain.phases' mixtures draw from) hold exactly its documents.
+        assert sum(end - start for spans in m["sources"].values() for start, end in spans) == m["tokens"]
+        for source, spans in m["sources"].items():
+            ids_of = np.concatenate([ids[start:end] for start, end in spans])
+            docs_of = np.split(ids_of, np.flatnonzero(ids_of == m["eot_id"]) + 1)[:-1]
+            assert [tokenizer.decode(d[:-1].tolist()) for d in docs_of] == [r["text"] for r in rows
+                                                                             if r["source"] == source]
 
 
 def fuzz_strings(n, seed=0):

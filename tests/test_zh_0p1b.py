@@ -201,10 +201,11 @@ def test_the_model_has_about_a_tenth_of_a_billion_parameters(config, model):
 def test_one_training_step_on_a_cpu(config, model, tmp_path):
     vocab = model.config.vocab_size
     settings = {**config["pretrain"], "steps": 1, "global_batch": 2, "micro_batch": 1, "seq_len": 32,
-                "warmup_steps": 0, "dtype": "fp32", "compile": False, "device": "cpu", "nproc": 1, "nodes": 1}
+                "warmup_steps": 0, "phases": None, "dtype": "fp32", "compile": False, "device": "cpu", "nproc": 1,
+                "nodes": 1}
     cfg, device, fingerprint = start(settings, [], extra={"model": config["model"]})
     assert isinstance(cfg, TrainConfig) and device.type == "cpu"
-    # The recipe's optimizer settings; only the batch, the warmup and the device are changed.
+    # The recipe's optimizer settings; only the batch, the schedule and the device are changed.
     for key in ("lr", "weight_decay", "grad_clip", "beta1", "beta2"):
         assert getattr(cfg, key) == config["pretrain"][key], key
 

@@ -41,9 +41,35 @@ def yaml_error_message(path: str | os.PathLike, error: yaml.MarkedYAMLError) -> 
 def config_errors(config: dict) -> list[str]:
     """What makes a config that its schema accepts (defaults filled in) impossible to train, one
     message per broken rule, each naming its keys and their values."""
+    pretrain_sources = [name for name, source in config["sources"].items() if source["kind"] == "pretrain"]
     return model_shape_errors(config["model"]) + [
         error for stage in TRAINING_STAGES for error in stage_errors(stage, config[stage], config["model"])
-    ] + retrieval_errors(config)
+    ] + phase_errors(config["pretrain"], pretrain_sources) + retrieval_errors(config)
+
+
+def phase_errors(settings: dict, sources: list[str] | None = None) -> list[str]:
+    """pretrain.phases (zhlm.train.phases): their steps add up to pretrain.steps, and each mixture
+    gives positive weights to sources that exist (pretrain sources of the config, where
+    `sources` names them)."""
+    phases = settings.get("phases")
+    if not phases:
+        return []
+    errors = []
+    steps = [phase["steps"] for phase in phases]
+    if sum(steps) != settings["steps"]:
+        errors.append(f"pretrain.phases' steps add up to {sum(steps)} ({' + '.join(map(str, steps))}), not "
+                      f"pretrain.steps ({settings['steps']}): set pretrain.steps to their sum")
+    for k, phase in enumerate(phases):
+        if phase.get("mixture") == {}:
+            errors.append(f"pretrain.phases[{k}].mixture is empty: weigh at least one source (null: every source "
+                          "by its tokens)")
+        for name, weight in (phase.get("mixture") or {}).items():
+            if sources is not None and name not in sources:
+                errors.append(f"pretrain.phases[{k}].mixture names {name!r}, which is not a pretrain source of the "
+                              f"config: one of {', '.join(sources)}")
+            if not weight > 0:
+                errors.append(f"pretrain.phases[{k}].mixture.{name} ({weight}) must be a positive weight")
+    return errors
 
 
 def retrieval_errors(config: dict) -> list[str]:
@@ -79,6 +105,9 @@ def stage_errors(stage: str, settings: dict, model: dict) -> list[str]:
     if stage == "pretrain" and settings.get("lora") is not None:
         errors.append("pretrain.lora must be null: LoRA adapts a trained model (sft, dpo), and pretraining "
                       "trains every weight from scratch")
+    if stage != "pretrain" and settings.get("phases") is not None:
+        errors.append(f"{stage}.phases must be null: phases (a data mixture and learning-rate shape per part "
+                      "of the run) are pretraining's")
     seq_len, context = settings["seq_len"], model["max_position_embeddings"]
     if seq_len > context:
         errors.append(f"{stage}.seq_len ({seq_len}) must not exceed model.max_position_embeddings ({context}), "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from zhlm.lm import count_labels
+from zhlm.train.phases import Phase, phase_at
 
 Batch = dict[str, torch.Tensor]
 
@@ -44,10 +45,73 @@ class TokenWindows:
     def global_batch(self, step: int) -> Batch:
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.batch_size)
-        # (B, seq_len + 1): each window's inputs are its first seq_len tokens, its labels the last seq_len.
-        rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        rows = torch.from_numpy(rows)
-        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+        return windows_at(self.tokens, starts, self.seq_len)
+
+    def count(self, batch: Batch) -> int:
+        return count_labels(batch["labels"])
+
+
+def windows_at(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
+    """The windows of seq_len + 1 tokens at `starts`: each one's inputs are its first seq_len
+    tokens, its labels the last seq_len; both (B, seq_len)."""
+    rows = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+    return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+class MixtureWindows:
+    """Random windows of a token file, its sources drawn by the weights of each step's phase
+    (`pretrain.phases`); the windows of step s depend only on (seed, s).
+
+    `spans` maps each source to its [start, end) token spans (binarize's `sources` in meta.json).
+    A window lies inside one span, so it never joins the end of one source to the start of
+    another, and every start inside a span is equally likely. A phase without a mixture weighs
+    every source by its windows, that is by its tokens, as TokenWindows draws them.
+    """
+
+    def __init__(self, tokens: np.ndarray, spans: dict[str, list[list[int]]], phases: Sequence[Phase],
+                 seq_len: int, global_batch: int, seed: int):
+        self.tokens, self.seq_len, self.batch_size, self.seed, self.phases = tokens, seq_len, global_batch, seed, phases
+        # Per source: its spans' first tokens, and how many windows of seq_len + 1 tokens start in each.
+        self.firsts, self.rooms = {}, {}
+        for name, runs in spans.items():
+            runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+            self.firsts[name], self.rooms[name] = runs[:, 0], np.maximum(0, runs[:, 1] - runs[:, 0] - seq_len)
+        self.mixtures = [self.weights(k, phase) for k, phase in enumerate(phases)]
+
+    def weights(self, k: int, phase: Phase) -> tuple[list[str], np.ndarray]:
+        """Phase k's sources and their weights, summing to 1."""
+        mixture = phase.mixture or {name: float(room.sum()) for name, room in self.rooms.items() if room.sum()}
+        for name in mixture:
+            if name not in self.rooms:
+                raise ValueError(f"pretrain.phases[{k}].mixture names {name!r}, which has no tokens in the token "
+                                 f"file: its sources are {', '.join(self.rooms)}")
+            if not self.rooms[name].sum():
+                raise ValueError(f"pretrain.phases[{k}].mixture names {name!r}, whose text has no span of "
+                                 f"seq_len + 1 = {self.seq_len + 1} tokens")
+        weights = np.array(list(mixture.values()), dtype=np.float64)
+        return list(mixture), weights / weights.sum()
+
+    def windows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The source index (into the phase's mixture) and start of each window of `step`: (B,), (B,)."""
+        names, weights = self.mixtures[phase_at(self.phases, step)[0]]
+        rng = np.random.default_rng([self.seed, step])
+        # Stratified: B evenly spaced points with one random offset, read off the cumulative weights,
+        # give every source the floor or the ceiling of B × its weight windows in each batch. The rows
+        # come grouped by source; the loss is summed over the global batch, so their order is no matter.
+        points = (np.arange(self.batch_size) + rng.random()) / self.batch_size
+        which = np.minimum(np.searchsorted(np.cumsum(weights), points, side="right"), len(names) - 1)
+        starts = np.empty(self.batch_size, dtype=np.int64)
+        for j, name in enumerate(names):
+            rows = np.flatnonzero(which == j)
+            room, ends = self.rooms[name], np.cumsum(self.rooms[name])
+            # A uniform draw over all of the source's window starts, then the span it falls in.
+            r = rng.integers(0, ends[-1], size=rows.size)
+            span = np.searchsorted(ends, r, side="right")
+            starts[rows] = self.firsts[name][span] + r - (ends[span] - room[span])
+        return which, starts
+
+    def global_batch(self, step: int) -> Batch:
+        return windows_at(self.tokens, self.windows(step)[1], self.seq_len)
 
     def count(self, batch: Batch) -> int:
         return count_labels(batch["labels"])

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from zhlm.config import phase_errors
 from zhlm.inference import pick_device
 from zhlm.io import CorruptFile, atomic_path, fsync, read_checked, remove_stale_temps, write_checked
 from zhlm.train import distributed
 from zhlm.train.batches import Batch, BatchSource
 from zhlm.train.lora import LoraSettings, is_adapter_parameter
+from zhlm.train.phases import Phase, phase_at
 
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
@@ -73,10 +75,16 @@ class TrainConfig:
     pretrain_mix: float = 0.0       # sft: share of pretraining-text windows among the training examples
     group_by_length: bool = False   # sft, dpo: batches of examples of similar length (less padding)
     lora: LoraSettings | None = None  # sft, dpo: train a LoRA adapter instead of every weight
+    phases: list[Phase] | None = None  # pretrain: staged pretraining (zhlm.train.phases); None: one phase
 
     def __post_init__(self):
         if isinstance(self.lora, dict):  # as the config gives it
             self.lora = LoraSettings(**self.lora)
+        if self.phases is not None:
+            self.phases = [Phase(**p) if isinstance(p, dict) else p for p in self.phases]
+            phases = [dataclasses.asdict(p) for p in self.phases]
+            if errors := phase_errors({"steps": self.steps, "phases": phases}):
+                raise ValueError("; ".join(errors))
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"unknown schedule {self.schedule!r}: cosine or wsd")
         if self.optimizer not in ("adamw", "muon"):
@@ -84,18 +92,28 @@ class TrainConfig:
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """The schedule, as a factor of each parameter group's peak learning rate: a linear warmup,
-    then cosine down to min_lr_ratio, or constant then a linear decay to it (wsd)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    floor = cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    """The schedule, as a factor of each parameter group's peak learning rate: the stage's shape
+    over its steps, or with phases each phase's shape over the phase's own steps."""
+    if cfg.phases:
+        k, step = phase_at(cfg.phases, step)
+        phase = cfg.phases[k]
+        return shape_factor(step, phase.steps, phase.warmup_steps, phase.schedule, phase.decay_fraction,
+                            cfg.min_lr_ratio)
+    return shape_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.decay_fraction, cfg.min_lr_ratio)
+
+
+def shape_factor(step: int, steps: int, warmup_steps: int, schedule: str, decay_fraction: float,
+                 floor: float) -> float:
+    """A linear warmup, then cosine down to `floor`, or constant then a linear decay to it (wsd)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = cfg.steps - int(cfg.steps * cfg.decay_fraction)
+    decay_start = steps - int(steps * decay_fraction)
     if step < decay_start:
         return 1.0
-    return 1 - (1 - floor) * (step - decay_start + 1) / max(1, cfg.steps - decay_start)
+    return 1 - (1 - floor) * (step - decay_start + 1) / max(1, steps - decay_start)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -391,6 +409,8 @@ def optimizer_step(model, wrapped, optimizer, data: BatchSource, compute_loss: L
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     row = {"step": step + 1, "loss": distributed.all_sum(loss_sum, device) / total, "lr": lr, "grad_norm": grad_norm}
+    if cfg.phases:
+        row["phase"] = phase_at(cfg.phases, step)[0]
     return row | {k: distributed.all_sum(v, device) / total for k, v in metrics.items()}
 
 

@@ -1,4 +1,5 @@
-"""Pretraining: next-token prediction on random windows of the token memmap."""
+"""Pretraining: next-token prediction on random windows of the token memmap (with
+`phases`, windows of its sources by each phase's mixture: zhlm.train.phases)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +10,23 @@ from zhlm.io import read_json
 from zhlm.lm import bits_per_character, check_context, lm_loss, stream_nats
 from zhlm.model import LlamaForCausalLM, ModelConfig, save_pretrained
 from zhlm.train import distributed
-from zhlm.train.batches import TokenWindows
-from zhlm.train.loop import finish, start, train
+from zhlm.train.batches import MixtureWindows, TokenWindows
+from zhlm.train.loop import TrainConfig, finish, start, train
 
 
 def next_token_loss(model, batch):
     """Summed cross-entropy over the window's tokens: TokenWindows counts the same tokens."""
     return lm_loss(model, batch["input_ids"], batch["labels"]), {}
+
+
+def training_windows(tokens: np.ndarray, meta: dict, cfg: TrainConfig) -> TokenWindows | MixtureWindows:
+    """Windows of the whole token file, or with phases of its sources by each phase's mixture."""
+    if not cfg.phases:
+        return TokenWindows(tokens, cfg.seq_len, cfg.global_batch, cfg.seed)
+    if "sources" not in meta:
+        raise ValueError("pretrain.phases draw windows source by source, but the token file's meta.json has no "
+                         "per-source spans: binarize it again (snakemake -R binarize)")
+    return MixtureWindows(tokens, meta["sources"], cfg.phases, cfg.seq_len, cfg.global_batch, cfg.seed)
 
 
 def run(tokens_dir, tokenizer_dir, out_dir, ckpt_dir, *, model_settings: dict, settings: dict,
@@ -47,8 +58,8 @@ def run(tokens_dir, tokenizer_dir, out_dir, ckpt_dir, *, model_settings: dict, s
             row["val_bpc"] = bits_per_character(nats, n * chars_per_token)
         return row
 
-    history = train(model, TokenWindows(train_tokens, cfg.seq_len, cfg.global_batch, cfg.seed), next_token_loss,
-                    cfg, out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint, evaluate=evaluate,
+    history = train(model, training_windows(train_tokens, meta["train"], cfg), next_token_loss, cfg,
+                    out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint, evaluate=evaluate,
                     flops_per_item=model.flops_per_token(cfg.seq_len) * cfg.seq_len, tokens_per_item=cfg.seq_len,
                     progress=progress)
     if distributed.rank() == 0:
