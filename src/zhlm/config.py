@@ -9,6 +9,7 @@ import os
 import yaml
 
 TRAINING_STAGES = ("pretrain", "sft", "dpo")
+FINETUNE_KEYS = ("init", "sources")  # the finetune section's own keys; the rest are training settings
 
 
 class ConfigError(ValueError):
@@ -43,7 +44,31 @@ def config_errors(config: dict) -> list[str]:
     message per broken rule, each naming its keys and their values."""
     return model_shape_errors(config["model"]) + [
         error for stage in TRAINING_STAGES for error in stage_errors(stage, config[stage], config["model"])
-    ] + retrieval_errors(config)
+    ] + retrieval_errors(config) + finetune_errors(config)
+
+
+def finetune_settings(finetune: dict) -> dict:
+    """The training settings of the finetune section (TrainConfig fields): all but its own keys."""
+    return {key: value for key, value in finetune.items() if key not in FINETUNE_KEYS}
+
+
+def finetune_errors(config: dict) -> list[str]:
+    """A finetune trains on sft sources of the config, in batches that split evenly; a model folder
+    of this run (results/...) has the config's context window, another is checked when it loads."""
+    finetune = config.get("finetune") or {}
+    if not finetune.get("sources"):
+        return []
+    sft = [name for name, source in config["sources"].items() if source["kind"] == "sft"]
+    errors = [f"finetune.sources: {name!r} must name an sft source of the config: one of {', '.join(sft)}"
+              for name in finetune["sources"] if name not in sft]
+    if finetune["init"].startswith("results/"):
+        model = config["model"]
+    else:  # another run's model: its context is checked when it loads, and this run's text is not its tokens
+        model = {"max_position_embeddings": float("inf")}
+        if finetune["pretrain_mix"]:
+            errors.append(f"finetune.pretrain_mix needs finetune.init in this run's results/ "
+                          f"(not {finetune['init']!r}): the pretraining text it mixes in has this run's tokenizer")
+    return errors + stage_errors("finetune", finetune_settings(finetune), model)
 
 
 def retrieval_errors(config: dict) -> list[str]:

@@ -103,8 +103,8 @@ ENTITY_TAGS = {"nr": "person", "ns": "place", "nt": "organization"}
 ENTITY_LABELS = {"person": "人名", "place": "地名", "organization": "机构"}
 NO_ENTITY = "无"          # the answer's list of a type with no entity in the sentence
 ENTITY_SEPARATOR = "、"
-ENTITY_PROMPT = ("找出下面句子中的人名、地名和机构名，按“人名：…”“地名：…”“机构：…”三行回答，"
-                 "同类之间用顿号隔开，没有的写“无”：\n")
+# Short: the answers teach the format, and a small model's context has little room.
+ENTITY_PROMPT = "找出下面句子中的人名、地名和机构名：\n"
 
 
 def _tagged_lines() -> Iterator[tuple[int, list[tuple[str, str]]]]:
