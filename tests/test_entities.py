@@ -83,3 +83,30 @@ def test_jieba_baseline_tags_people_places_and_organisations():
     rows.append({"id": "idiom:画蛇添足#meaning", "prompt": "？", "response": "。"})  # not an entity row
     baseline = jieba_baseline(rows, per_task_limit=2)
     assert baseline["n"] == 2 and baseline["f1"] == 1.0
+
+
+def test_finetune_eval_scores_both_models_on_the_same_items_and_reports_them(model_dir, corpus, tmp_path):
+    from zhlm.eval.finetune import evaluate_finetune
+    from zhlm.eval.report import write_finetune_report
+
+    entity_rows = [{"id": f"news:{i}#ner0", "prompt": demo.ENTITY_PROMPT + sentence, "response": response}
+                   for i, (sentence, response) in enumerate([
+                       ("江泽民在北京。", "人名：江泽民\n地名：北京\n机构：无"),
+                       ("新华社报道。", "人名：无\n地名：无\n机构：新华社"),
+                       ("天气很好。", "人名：无\n地名：无\n机构：无")])]
+    task_rows = [{"id": f"review:{i}#polarity", "prompt": f"判断情感：很好{i}", "response": "正面"} for i in range(3)]
+    settings = {"max_task_items": 2, "max_bpc_chars": 1000, "max_new_tokens": 6, "sample_max_new_tokens": 4,
+                "batch_size": 4, "device": "cpu"}
+    result = evaluate_finetune(model_dir, model_dir, finetune_rows=entity_rows, task_rows=task_rows,
+                               val_files=[corpus / "val.parquet"], seq_len=32, settings=settings)
+    assert result["finetune_tasks"] == ["entities"]
+    for side in ("before", "after"):
+        assert result[side]["tasks"]["entities"]["n"] == result[side]["tasks"]["polarity"]["n"] == 2
+    # The same folder twice: the same answers, so the same scores; jieba on the same two sentences.
+    assert result["before"]["tasks"] == result["after"]["tasks"]
+    assert result["baseline"]["entities"]["n"] == 2
+    write_finetune_report(result, tmp_path / "finetune.md")
+    report = (tmp_path / "finetune.md").read_text()
+    assert "## Entity extraction" in report and "jieba (no training)" in report
+    assert "| metric | init | finetune | Δ |" in report  # each number after beside before
+    assert "## Held-out tasks" in report and "entities" in report

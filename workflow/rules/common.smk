@@ -144,7 +144,7 @@ FINETUNE_INIT_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
 def finetune_init_files(names=FINETUNE_INIT_FILES):
     """Files of the model folder the finetune starts from (finetune.init): a stage's folder of this
     run, which its rule makes, or any other, which must exist."""
-    return multiext(config["finetune"]["init"].rstrip("/") + "/", *names)
+    return [f"{config['finetune']['init'].rstrip('/')}/{name}" for name in names]
 
 
 def launcher(stage):

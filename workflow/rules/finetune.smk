@@ -10,7 +10,7 @@ rule tokenize_finetune:
     input:
         train=split_files("finetune", "train"),
         eval=split_files("finetune", "eval"),
-        tokenizer=finetune_init_files(["tokenizer.json"]),
+        tokenizer=finetune_init_files(["tokenizer.json"])[0],
     output:
         conversation_files("results/tokens/finetune", "train", "eval", by_id=("eval",)),
     params:
