@@ -4,6 +4,7 @@
 # before and after on the finetune's held-out rows (beside jieba's tagger for entities) and on
 # every other eval: what the finetune bought and what it cost.
 # The training command execs and tee ignores SIGTERM, as in pretrain.smk.
+import shlex
 
 
 rule tokenize_finetune:
@@ -40,7 +41,9 @@ rule finetune:
         settings=json.dumps(finetune_settings(config["finetune"])),
         init=lambda w, input: folder(input.init),
         tokens=lambda w, input: folder(input.tokens),
-        pretrain_tokens=lambda w, input: folder(input.pretrain_tokens) if input.pretrain_tokens else "",
+        # The whole option or nothing: an empty argument does not survive the launcher.
+        pretrain_tokens=lambda w, input: (
+            f"--pretrain-tokens {shlex.quote(folder(input.pretrain_tokens))}" if input.pretrain_tokens else ""),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
     threads: workflow.cores
@@ -55,7 +58,7 @@ rule finetune:
     shell:
         'exec "$ZHLM_PYTHON" -m zhlm.train.launch {params.launch} "$ZHLM_SCRIPTS/sft.py"'
         " --init {params.init:q} --tokenizer {params.init:q}"
-        " --tokens {params.tokens:q} --pretrain-tokens {params.pretrain_tokens:q} --out {params.out:q}"
+        " --tokens {params.tokens:q} {params.pretrain_tokens} --out {params.out:q}"
         " --ckpt {params.ckpt:q} --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"
 

@@ -9,8 +9,8 @@ from zhlm.train.sft import run
 parser = argparse.ArgumentParser(description=__doc__)
 for flag in ("--init", "--tokenizer", "--tokens", "--out", "--ckpt", "--settings"):
     parser.add_argument(flag, required=True)
-parser.add_argument("--pretrain-tokens", help="the pretraining token files, for the settings' pretrain_mix ('': none)")
+parser.add_argument("--pretrain-tokens", help="the pretraining token files, for the settings' pretrain_mix")
 args = parser.parse_args()
 setup_logging()
 run(args.init, args.tokenizer, args.tokens, args.out, args.ckpt, settings=json.loads(args.settings),
-    pretrain_tokens_dir=args.pretrain_tokens or None)
+    pretrain_tokens_dir=args.pretrain_tokens)
