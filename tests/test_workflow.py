@@ -530,7 +530,7 @@ def test_the_finetune_trains_the_dpo_model_on_its_own_sources_and_scores_before_
     for side in ("before", "after"):
         assert {"entities", "polarity", "pinyin"} <= set(result[side]["tasks"]), side
         assert result[side]["bpc"]["bpc"] > 0 and result[side]["choice"]["demo_idiom_choice"]["n"] > 0
-    assert result["before"]["tasks"]["polarity"]["n"] == result["after"]["tasks"]["polarity"]["n"] > 0
+    assert result["before"]["tasks"]["pinyin"]["n"] == result["after"]["tasks"]["pinyin"]["n"] > 0
     baseline = result["baseline"]["entities"]
     assert baseline["n"] == min(config["eval"]["max_task_items"], len(finetune_rows["eval"]))
     assert 0 < baseline["f1"] <= 1  # jieba finds some of the People's Daily entities
