@@ -28,7 +28,7 @@ if errors := config_errors(config):
 include: "workflow/rules/common.smk"
 wildcard_constraints:
     source="|".join(re.escape(name) for name in SOURCES),
-    kind="pretrain|sft|dpo",
+    kind="pretrain|sft|dpo|finetune",
     shard=r"\d+",
     band_job=r"\d+",
 
@@ -39,6 +39,12 @@ include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/align.smk"
 include: "workflow/rules/eval.smk"
+
+
+# Its own target, not the default one (README: snakemake results/eval/finetune.md).
+if FINETUNE_SOURCES:
+
+    include: "workflow/rules/finetune.smk"
 
 
 rule all:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zhlm.config import TRAINING_STAGES, ConfigError, check_yaml_file, config_errors
+from zhlm.config import TRAINING_STAGES, ConfigError, check_yaml_file, config_errors, finetune_settings
 from zhlm.eval.retrieval import RetrievalEvalConfig
 from zhlm.eval.run import EvalConfig
 from zhlm.model import ModelConfig
@@ -66,7 +66,19 @@ def with_defaults(config: dict) -> dict:
         spec = SCHEMA["properties"][section]
         spec = SCHEMA["definitions"]["training"] if "$ref" in spec else spec
         config[section] = {**schema_defaults(spec), **config.get(section, {})}
+    finetune = SCHEMA["properties"]["finetune"]  # the training settings and its own keys
+    config["finetune"] = {**schema_defaults(SCHEMA["definitions"]["training"]), **schema_defaults(finetune),
+                          **config.get("finetune", {})}
     return config
+
+
+def test_the_finetune_section_is_the_training_settings_and_its_own_keys():
+    finetune = SCHEMA["properties"]["finetune"]
+    assert finetune["$ref"] == "#/definitions/training" and finetune["unevaluatedProperties"] is False
+    assert schema_defaults(finetune) == {"init": "results/dpo", "sources": []}  # no sources: no stage
+    settings = finetune_settings(with_defaults(TINY)["finetune"])
+    assert set(settings) == set(schema_defaults(SCHEMA["definitions"]["training"]))
+    assert TrainConfig(**settings).steps == TINY["finetune"]["steps"]  # what the finetune stage trains with
 
 
 # Each impossible shape or length, the keys its message names, and the values it shows.
@@ -99,6 +111,13 @@ BROKEN = {
                                       "pretrain.phases[1].mixture.demo_news (0) must be a positive weight"),
     "retrieval documents not a pretrain source": ({"retrieval": {"docs": "demo_idiom_tasks"}},
                                                   "retrieval.docs ('demo_idiom_tasks') must name a pretrain source"),
+    "finetune on a source that is not sft": ({"finetune": {"sources": ["demo_news"]}},
+                                            "finetune.sources: 'demo_news' must name an sft source of the config"),
+    "finetune seq_len past this run's context": ({"finetune": {"seq_len": 65}},
+                                                 "finetune.seq_len (65) must not exceed model.max_position_embeddings"),
+    "finetune mixing this run's text into another run's model": (
+        {"finetune": {"init": "/models/other", "pretrain_mix": 0.2}},
+        "finetune.pretrain_mix needs finetune.init in this run's results/ (not '/models/other')"),
 }
 
 

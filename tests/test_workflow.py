@@ -89,7 +89,8 @@ def run_dag(workdir, *args, env=None):
 @pytest.fixture(scope="module")
 def dag(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dag")
-    config, originals, _ = run_dag(workdir)  # rule all: every stage, to the eval report
+    # rule all: every stage, to the eval report; and the finetune's own target (tiny.yaml: finetune)
+    config, originals, _ = run_dag(workdir, "all", "results/eval/finetune.md")
     return workdir, config, originals
 
 
@@ -105,9 +106,14 @@ def shard_paths(config, source, folder):
     return [f"{folder}/{source}/{i}" for i in range(config["sources"][source].get("shards", 1))]
 
 
+def kind_of(config, source):
+    """The kind a source is deduplicated and split with (common.smk): finetune for its sources."""
+    return "finetune" if source in config.get("finetune", {}).get("sources", []) else config["sources"][source]["kind"]
+
+
 def split_shards(config, kind):
     """The split's shard folders of a kind, in the order the stages after it read them."""
-    return [p.replace("dedup/", "split/", 1) for s, src in config["sources"].items() if src["kind"] == kind
+    return [p.replace("dedup/", "split/", 1) for s in config["sources"] if kind_of(config, s) == kind
             for p in shard_paths(config, s, f"dedup/{kind}")]
 
 
@@ -137,8 +143,8 @@ def test_row_accounting_adds_up_in_every_stats_file(dag):
         parsed = merge_stats([stats(results / f"{p}.stats.json") for p in shard_paths(config, source, "parsed")])
         if limit := config["sources"][source].get("limit"):  # the first `limit` records of the whole source
             assert parsed["rows_in"] == min(limit, parsed["rows_in"] + parsed["records_beyond_limit"])
-    for kind in ("pretrain", "sft"):
-        sources = [s for s, src in config["sources"].items() if src["kind"] == kind]
+    for kind in ("pretrain", "sft", "finetune"):
+        sources = [s for s in config["sources"] if kind_of(config, s) == kind]
         dedup = stats(results / f"dedup/{kind}.stats.json")
         assert dedup["rows_in"] == dedup["rows_kept"] + dedup["rows_removed"]
         assert dedup["rows_removed"] == dedup["removed_exact"] + dedup["removed_near"]
@@ -187,9 +193,10 @@ def test_planted_duplicates_are_removed_and_unrelated_texts_kept(dag):
 
 
 def test_held_out_items_appear_in_no_training_file(dag):
-    held_out = [r["id"] for r in split_rows(dag, "pretrain", "val") + split_rows(dag, "sft", "eval")]
+    held_out = [r["id"] for r in split_rows(dag, "pretrain", "val") + split_rows(dag, "sft", "eval")
+                + split_rows(dag, "finetune", "eval")]
     trained = [r["id"] for r in split_rows(dag, "pretrain", "train") + split_rows(dag, "sft", "train")
-               + split_rows(dag, "sft", "dpo_prompts")]
+               + split_rows(dag, "sft", "dpo_prompts") + split_rows(dag, "finetune", "train")]
     assert held_out and trained
     assert not {item_key(i) for i in held_out} & {item_key(i) for i in trained}
     # The held-out polarity reviews are not in the pretraining text either.
@@ -506,6 +513,36 @@ def test_eval_scores_every_stage_and_writes_the_report(dag):
     assert summary["pretrain.bpc"] == stats(results / "pretrain.json")["bpc"]["bpc"]
     assert "dpo.implicit_reward.accuracy" in summary and "dpo.looping" in summary
     assert summary["retrieval.recall@1"] == stats(results / "retrieval.json")["recall@1"]
+
+
+def test_the_finetune_trains_the_dpo_model_on_its_own_sources_and_scores_before_and_after(dag):
+    from zhlm.model import load_model
+
+    workdir, config, _ = dag
+    results = workdir / "results"
+    # The entity rows feed the finetune only: not the sft stage's splits, its token files, or the tokenizer.
+    finetune_rows = {s: split_rows(dag, "finetune", s) for s in ("train", "eval")}
+    assert finetune_rows["train"] and all(r["id"].split("#")[1].startswith("ner") for r in finetune_rows["train"])
+    assert not any("#ner" in r["id"] for s in ("train", "dpo_prompts", "eval") for r in split_rows(dag, "sft", s))
+    meta = stats(results / "tokens/finetune/meta.json")
+    assert meta["train"]["examples"] + sum(meta["train"]["skipped"].values()) == len(finetune_rows["train"])
+    assert meta["tokenizer_sha256"] == hashlib.sha256((results / "dpo/tokenizer.json").read_bytes()).hexdigest()
+    # LoRA (tiny.yaml): the adapter merged into a complete folder that differs from the DPO model it started from.
+    assert (results / "finetune/lora/adapter_model.safetensors").exists()
+    before, after = load_model(results / "dpo").state_dict(), load_model(results / "finetune").state_dict()
+    assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before)
+    # Both models on the same held-out items: the finetune's task, every other task, jieba beside them.
+    result = stats(results / "eval/finetune.json")
+    assert result["init"] == "results/dpo" and result["finetune_tasks"] == ["entities"]
+    for side in ("before", "after"):
+        assert {"entities", "polarity", "pinyin"} <= set(result[side]["tasks"]), side
+        assert result[side]["bpc"]["bpc"] > 0 and result[side]["choice"]["demo_idiom_choice"]["n"] > 0
+    assert result["before"]["tasks"]["pinyin"]["n"] == result["after"]["tasks"]["pinyin"]["n"] > 0
+    baseline = result["baseline"]["entities"]
+    assert baseline["n"] == min(config["eval"]["max_task_items"], len(finetune_rows["eval"]))
+    assert 0 < baseline["f1"] <= 1  # jieba finds some of the People's Daily entities
+    report = (results / "eval/finetune.md").read_text()
+    assert "## Entity extraction" in report and "jieba" in report and "## Stage by stage" in report
 
 
 # --- the same DAG through SLURM ----------------------------------------------

@@ -9,6 +9,7 @@ import os
 import yaml
 
 TRAINING_STAGES = ("pretrain", "sft", "dpo")
+FINETUNE_KEYS = ("init", "sources")  # the finetune section's own keys; the rest are training settings
 
 
 class ConfigError(ValueError):
@@ -44,7 +45,7 @@ def config_errors(config: dict) -> list[str]:
     pretrain_sources = [name for name, source in config["sources"].items() if source["kind"] == "pretrain"]
     return model_shape_errors(config["model"]) + [
         error for stage in TRAINING_STAGES for error in stage_errors(stage, config[stage], config["model"])
-    ] + phase_errors(config["pretrain"], pretrain_sources) + retrieval_errors(config)
+    ] + phase_errors(config["pretrain"], pretrain_sources) + retrieval_errors(config) + finetune_errors(config)
 
 
 def phase_errors(settings: dict, sources: list[str] | None = None) -> list[str]:
@@ -70,6 +71,30 @@ def phase_errors(settings: dict, sources: list[str] | None = None) -> list[str]:
             if not weight > 0:
                 errors.append(f"pretrain.phases[{k}].mixture.{name} ({weight}) must be a positive weight")
     return errors
+
+
+def finetune_settings(finetune: dict) -> dict:
+    """The training settings of the finetune section (TrainConfig fields): all but its own keys."""
+    return {key: value for key, value in finetune.items() if key not in FINETUNE_KEYS}
+
+
+def finetune_errors(config: dict) -> list[str]:
+    """A finetune trains on sft sources of the config, in batches that split evenly; a model folder
+    of this run (results/...) has the config's context window, another is checked when it loads."""
+    finetune = config.get("finetune") or {}
+    if not finetune.get("sources"):
+        return []
+    sft = [name for name, source in config["sources"].items() if source["kind"] == "sft"]
+    errors = [f"finetune.sources: {name!r} must name an sft source of the config: one of {', '.join(sft)}"
+              for name in finetune["sources"] if name not in sft]
+    if finetune["init"].startswith("results/"):
+        model = config["model"]
+    else:  # another run's model: its context is checked when it loads, and this run's text is not its tokens
+        model = {"max_position_embeddings": float("inf")}
+        if finetune["pretrain_mix"]:
+            errors.append(f"finetune.pretrain_mix needs finetune.init in this run's results/ "
+                          f"(not {finetune['init']!r}): the pretraining text it mixes in has this run's tokenizer")
+    return errors + stage_errors("finetune", finetune_settings(finetune), model)
 
 
 def retrieval_errors(config: dict) -> list[str]:

@@ -120,11 +120,10 @@ if lora_stages():
 
     rule merge_lora:
         input:
-            # The model the adapter was trained on: the stage's own first input.
-            base=lambda w: {"sft": rules.sft.input.init, "dpo": rules.dpo.input.sft}[w.stage],
+            base=lambda w: lora_base(w.stage),
             adapter=multiext("results/{stage}/lora/", *ADAPTER_FILES),
             plot="results/{stage}/lora/loss.png",
-            tokenizer=tokenizer_files(),
+            tokenizer=lambda w: lora_tokenizer(w.stage),
         output:
             folder=model_folder("{stage}"),
             plot="results/{stage}/loss.png",

@@ -4,6 +4,7 @@ import os
 import re
 import sys
 
+from zhlm.config import finetune_settings
 from zhlm.data.fetch import file_name, local_file
 from zhlm.data.schema import TEMPLATE_FIELDS
 from zhlm.data.split import SPLITS
@@ -11,10 +12,18 @@ from zhlm.io import ADAPTER_FILES, MODEL_FILES, TOKENIZER_FILES
 from zhlm.tokenizer.conversations import BY_ID_FILE, TOKEN_FILES
 
 SOURCES = config["sources"]
+# The sft sources a finetune trains on (finetune.smk): deduplicated, split and tokenised as a
+# kind of their own, "finetune", so that they neither feed the sft stage nor change its data.
+FINETUNE_SOURCES = config["finetune"]["sources"]
+
+
+def kind_of(source):
+    """The kind a source's rows are deduplicated, split and tokenised with: its own, or finetune."""
+    return "finetune" if source in FINETUNE_SOURCES else SOURCES[source]["kind"]
 
 
 def sources_of(kind):
-    return [name for name, src in SOURCES.items() if src["kind"] == kind]
+    return [name for name in SOURCES if kind_of(name) == kind]
 
 
 def kinds():
@@ -54,8 +63,9 @@ def split_files(kind, name):
 
 
 def tokenizer_training_text():
-    """Every training split: the tokenizer never sees held-out text."""
-    return [f for kind in kinds() for f in split_files(kind, "train")]
+    """Every training split but the finetune's (which trains a model that has its tokenizer): the
+    tokenizer never sees held-out text."""
+    return [f for kind in kinds() if kind != "finetune" for f in split_files(kind, "train")]
 
 
 def tokenizer_files():
@@ -100,7 +110,8 @@ def model_folder(stage):
 def lora_stages():
     """The stages that train a LoRA adapter (their `lora` setting): each writes it to
     results/STAGE/lora/, and merge_lora merges it into the stage's model folder."""
-    return [stage for stage in ("sft", "dpo") if config[stage]["lora"] is not None]
+    stages = ("sft", "dpo", "finetune") if FINETUNE_SOURCES else ("sft", "dpo")
+    return [stage for stage in stages if config[stage]["lora"] is not None]
 
 
 def trained_dir(stage):
@@ -111,6 +122,29 @@ def trained_dir(stage):
 def trained_files(stage):
     """The files a training stage writes there (loss.png is declared apart, for the report)."""
     return multiext(f"{trained_dir(stage)}/", *ADAPTER_FILES) if stage in lora_stages() else model_folder(stage)
+
+
+def lora_base(stage):
+    """The model a stage's adapter was trained on: the stage's own first input."""
+    if stage == "finetune":
+        return rules.finetune.input.init
+    return {"sft": rules.sft.input.init, "dpo": rules.dpo.input.sft}[stage]
+
+
+def lora_tokenizer(stage):
+    """The tokenizer files of a stage's merged folder: the run's, or those of the folder the
+    finetune started from."""
+    return finetune_init_files(TOKENIZER_FILES) if stage == "finetune" else tokenizer_files()
+
+
+# What the finetune's starting folder must hold: the model and the tokenizer it was trained with.
+FINETUNE_INIT_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
+
+
+def finetune_init_files(names=FINETUNE_INIT_FILES):
+    """Files of the model folder the finetune starts from (finetune.init): a stage's folder of this
+    run, which its rule makes, or any other, which must exist."""
+    return [f"{config['finetune']['init'].rstrip('/')}/{name}" for name in names]
 
 
 def launcher(stage):
@@ -173,14 +207,14 @@ def dedup_shards(kind):
 
 def dedup_duplicates(kind, source):
     """The removed rows of a kind, which a shard of one of its sources is filtered by."""
-    if SOURCES[source]["kind"] != kind:
-        raise ValueError(f"source {source} is of kind {SOURCES[source]['kind']}, not {kind}")
+    if kind_of(source) != kind:
+        raise ValueError(f"source {source} is of kind {kind_of(source)}, not {kind}")
     return f"results/dedup/{kind}/duplicates.parquet"
 
 
 def dedup_source_no(source):
     """A source's number among the sources of its kind: the high bits of its rows' ptr."""
-    return sources_of(SOURCES[source]["kind"]).index(source)
+    return sources_of(kind_of(source)).index(source)
 
 
 def dedup_params(*keys):

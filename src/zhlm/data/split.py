@@ -15,10 +15,12 @@ import pyarrow.compute as pc
 # Split names per kind. The first name is the training set; "val" and "eval"
 # are the held-out band; "dpo_prompts" is the next band of sft items, kept out
 # of SFT so the SFT model answers them fresh when DPO pairs are rolled out.
+# "finetune" is the sft sources a finetune trains on: no DPO prompts among them.
 SPLITS: dict[str, tuple[str, ...]] = {
     "pretrain": ("train", "val"),
     "sft": ("train", "dpo_prompts", "eval"),
     "dpo": ("train", "eval"),
+    "finetune": ("train", "eval"),
 }
 
 

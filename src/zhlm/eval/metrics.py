@@ -1,4 +1,5 @@
-"""Answer metrics: exact match, character F1, word segmentation F1, polarity labels, loops.
+"""Answer metrics: exact match, character F1, word segmentation F1, polarity labels, entity
+precision/recall/F1 (and jieba's entities, the baseline that needs no training), loops.
 
 Chinese answers have no natural word boundaries, so overlap is counted over
 characters (as in CMRC / DuReader), not over whitespace tokens.
@@ -8,6 +9,8 @@ from __future__ import annotations
 import collections
 import re
 import unicodedata
+
+from zhlm.data.demo import ENTITY_LABELS, NO_ENTITY
 
 _SPACES = re.compile(r"\s+")
 
@@ -75,6 +78,82 @@ def prf(correct: int, predicted: int, gold: int) -> tuple[float, float, float]:
 def segmentation_f1(pred: str, gold: str) -> tuple[float, float, float]:
     """(precision, recall, F1) of the predicted words of one sentence (see segmentation_counts)."""
     return prf(*segmentation_counts(pred, gold))
+
+
+# --- entities ------------------------------------------------------------------
+
+_ENTITY_KIND = {label: kind for kind, label in ENTITY_LABELS.items()}
+_ENTITY_LINE = re.compile(r"^\s*(" + "|".join(ENTITY_LABELS.values()) + r")\s*[:：]\s*(.*)$")
+_ENTITY_SPLIT = re.compile(r"[、，,;；/\s]+")
+
+
+def parse_entities(text: str | None) -> dict[str, set[str]] | None:
+    """The entities an answer in zhlm.data.demo.format_entities' format names: {type: names}.
+
+    Each line `人名：A、B` gives its type's names (a full- or half-width colon; names split by
+    、 or a comma, semicolon, slash or space; `无` or nothing: none). A type whose line is missing
+    has none; a later line of the same type adds to it. None when no line has the format (the
+    answer is not in it at all), so that such answers can be counted.
+    """
+    found: dict[str, set[str]] = {kind: set() for kind in ENTITY_LABELS}
+    matched = False
+    for line in (text or "").splitlines():
+        m = _ENTITY_LINE.match(unicodedata.normalize("NFKC", line))
+        if not m:
+            continue
+        matched = True
+        names = {n for n in _ENTITY_SPLIT.split(m.group(2)) if n and n != NO_ENTITY}
+        found[_ENTITY_KIND[m.group(1)]] |= names
+    return found if matched else None
+
+
+def entity_counts(pred: dict[str, set[str]] | None, gold: dict[str, set[str]]) -> dict[str, tuple[int, int, int]]:
+    """(correct, predicted, gold) entities of each type in one sentence, for micro-averaging.
+
+    An entity is a (type, name) pair, names compared after NFKC; a sentence's repeats count once.
+    An unparsable answer (None) predicts nothing.
+    """
+    def norm(names):
+        return {unicodedata.normalize("NFKC", n).strip() for n in names}
+
+    pred = pred or {}
+    counts = {}
+    for kind in ENTITY_LABELS:
+        p, g = norm(pred.get(kind, ())), norm(gold.get(kind, ()))
+        counts[kind] = (len(p & g), len(p), len(g))
+    return counts
+
+
+def entity_scores(counts: list[dict[str, tuple[int, int, int]]]) -> dict:
+    """Precision, recall and F1 over sentences' entity_counts: per type, and micro over all
+    types (every entity of every sentence pooled)."""
+    totals = {kind: [sum(c[kind][k] for c in counts) for k in range(3)] for kind in ENTITY_LABELS}
+    scores = {}
+    for name, (correct, predicted, gold) in [*totals.items(), ("micro", [sum(t[k] for t in totals.values())
+                                                                          for k in range(3)])]:
+        precision, recall, f1 = prf(correct, predicted, gold)
+        scores[name] = {"precision": precision, "recall": recall, "f1": f1,
+                        "correct": correct, "predicted": predicted, "gold": gold}
+    return scores
+
+
+# jieba's part-of-speech tags of each type: nr and its variants (nrt transliterated, nrfg), ns, nt.
+JIEBA_ENTITY_TAGS = {"person": ("nr",), "place": ("ns",), "organization": ("nt",)}
+
+
+def jieba_entities(sentence: str) -> dict[str, set[str]]:
+    """The baseline that needs no training: every word jieba's own part-of-speech tagger tags as
+    a person (nr, nrt, nrfg), place (ns) or organisation (nt)."""
+    import jieba
+    import jieba.posseg
+
+    jieba.setLogLevel(60)  # its dictionary-loading messages
+    found: dict[str, set[str]] = {kind: set() for kind in ENTITY_LABELS}
+    for word, flag in jieba.posseg.cut(sentence):
+        for kind, prefixes in JIEBA_ENTITY_TAGS.items():
+            if flag.startswith(prefixes):
+                found[kind].add(word)
+    return found
 
 
 POLARITY_LABELS = ("正面", "负面")

@@ -1,6 +1,6 @@
 """Held-out task metrics: the model answers held-out SFT prompts greedily, answers are scored.
 
-The task of a row is the suffix of its id (`idiom:X#pinyin`, `news:12#seg3`, …).
+The task of a row is the suffix of its id (`idiom:X#pinyin`, `news:12#seg3`, `news:12#ner0`, …).
 """
 from __future__ import annotations
 
@@ -9,19 +9,31 @@ import re
 
 from tokenizers import Tokenizer
 
-from zhlm.eval.metrics import char_f1, exact_match, looping_share, polarity_label, prf, segmentation_counts
+from zhlm.eval.metrics import (
+    char_f1,
+    entity_counts,
+    entity_scores,
+    exact_match,
+    jieba_entities,
+    looping_share,
+    parse_entities,
+    polarity_label,
+    prf,
+    segmentation_counts,
+)
 from zhlm.generate import Sampling, generate
 from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
 
-TASKS = ("pinyin", "polarity", "segmentation", "meaning", "origin", "example", "other")
-_SEG = re.compile(r"seg\d+")
+TASKS = ("pinyin", "polarity", "segmentation", "entities", "meaning", "origin", "example", "other")
+_NUMBERED = {"segmentation": re.compile(r"seg\d+"), "entities": re.compile(r"ner\d+")}  # one per sentence of an item
 
 
 def task_of(row_id: str) -> str:
     """The task a held-out row belongs to, from the suffix of its id."""
     _, _, suffix = row_id.partition("#")
-    if _SEG.fullmatch(suffix):
-        return "segmentation"
+    for task, pattern in _NUMBERED.items():
+        if pattern.fullmatch(suffix):
+            return task
     return suffix if suffix in TASKS else "other"
 
 
@@ -83,6 +95,10 @@ def score_task(task: str, items: list[dict]) -> dict:
         precision, recall, f1 = prf(*(sum(c[k] for c in counts) for k in range(3)))
         out.update(precision=precision, recall=recall, f1=f1,
                    exact_match=sum(map(exact_match, preds, refs)) / len(items))
+    elif task == "entities":
+        parsed = [parse_entities(p) for p in preds]
+        out.update(score_entities(parsed, refs))
+        out["unparsed"] = sum(p is None for p in parsed) / len(items)
     else:  # meaning, origin, example, other: free text
         out["char_f1"] = sum(map(char_f1, preds, refs)) / len(items)
         out["exact_match"] = sum(map(exact_match, preds, refs)) / len(items)
@@ -93,10 +109,38 @@ def answer_budget(task: str, max_new_tokens: int) -> int:
     """Tokens an answer may take: a segmentation answer repeats its whole input sentence with
     spaces, so it gets twice the budget."""
     return 2 * max_new_tokens if task == "segmentation" else max_new_tokens
+def score_entities(predicted: list[dict | None], references: list[str]) -> dict:
+    """Entity precision, recall and F1, micro over all types (`precision`, `recall`, `f1`) and
+    per type (`by_type`), of predicted entities (parse_entities' dicts) against the reference
+    answers (zhlm.data.demo.format_entities' format)."""
+    counts = [entity_counts(p, parse_entities(r) or {}) for p, r in zip(predicted, references)]
+    scores = entity_scores(counts)
+    micro = scores.pop("micro")
+    return {"precision": micro["precision"], "recall": micro["recall"], "f1": micro["f1"],
+            "entities": {k: micro[k] for k in ("correct", "predicted", "gold")}, "by_type": scores}
+
+
+def entity_sentence(prompt: str) -> str:
+    """The sentence of an entity prompt: what follows its instruction's line."""
+    return prompt.split("\n", 1)[-1]
+
+
+def jieba_baseline(rows: list[dict], per_task_limit: int | None = None) -> dict:
+    """The entity scores of jieba's part-of-speech tagger (zhlm.eval.metrics.jieba_entities) on
+    the held-out entity rows a model is scored on (select_rows with the same limit)."""
+    rows = select_rows(rows, per_task_limit).get("entities", [])
+    out = {"n": len(rows)}
+    if rows:
+        out.update(score_entities([jieba_entities(entity_sentence(r["prompt"])) for r in rows],
+                                  [r["response"] for r in rows]))
+    return out
 
 
 def _item_score(task: str, pred: str, ref: str) -> float:
     """The headline score of one answer, kept with it for reading answers."""
+    if task == "entities":  # a sentence with no entity, answered with none, is right
+        scores = score_entities([parse_entities(pred)], [ref])
+        return 1.0 if scores["entities"]["predicted"] == scores["entities"]["gold"] == 0 else scores["f1"]
     if task == "pinyin":
         return exact_match(pred, ref)
     if task == "polarity":
