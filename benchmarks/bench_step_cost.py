@@ -26,7 +26,7 @@ from zhlm.tokenizer.conversations import Conversations
 from zhlm.train.batches import Examples, TokenWindows
 from zhlm.train.loop import TrainConfig, make_optimizer
 from zhlm.train.pretrain import next_token_loss
-from zhlm.train.sft import count_conversations, sft_loss, with_pretrain_text
+from zhlm.train.sft import count_conversations, sft_loss, with_mixed_in
 
 
 def step_seconds(model, optimizer, data, loss_fn, steps: list[int]) -> list[float]:
@@ -65,7 +65,8 @@ def main():
         cfg = TrainConfig(**settings)
         items = conversations
         if cfg.pretrain_mix:
-            items = with_pretrain_text(items, results / "tokens", cfg.pretrain_mix, cfg.seed)
+            items = with_mixed_in(items, cfg.seq_len + 1, cfg.seed, pretrain_tokens_dir=results / "tokens",
+                                  pretrain_share=cfg.pretrain_mix)
         data = Examples(items, cfg.global_batch, cfg.seed, lambda b: pad_batch(b, 0), count_conversations,
                         lengths=items.lengths() if cfg.group_by_length else None)
         return cfg, data, sft_loss

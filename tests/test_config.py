@@ -121,13 +121,16 @@ BROKEN = {
 }
 
 
-# More rules of pretrain.phases, checked here only (BROKEN is also run through Snakemake).
-BROKEN_PHASES = {
+# More rules, checked here only (BROKEN is also run through Snakemake).
+BROKEN_MORE = {
     "a mixture of an sft source": ({"pretrain": {"phases": [{"steps": 6, "mixture": {"demo_polarity": 1}}]}},
                                    "pretrain.phases[0].mixture names 'demo_polarity', which is not a pretrain source"),
     "an empty mixture": ({"pretrain": {"phases": [{"steps": 6, "mixture": {}}]}},
                          "pretrain.phases[0].mixture is empty"),
     "phases in sft": ({"sft": {"phases": [{"steps": 4}]}}, "sft.phases must be null"),
+    "sft_mix in sft": ({"sft": {"sft_mix": 0.2}}, "sft.sft_mix must be 0"),
+    "nothing of the finetune's own left": ({"finetune": {"pretrain_mix": 0.5, "sft_mix": 0.5}},
+                                           "finetune.pretrain_mix (0.5) + finetune.sft_mix (0.5) must be below 1"),
 }
 
 
@@ -144,8 +147,8 @@ def test_the_tiny_and_default_configs_can_train():
         assert config_errors(with_defaults(config)) == [], path
 
 
-@pytest.mark.parametrize("change, message", [*BROKEN.values(), *BROKEN_PHASES.values()],
-                         ids=[*BROKEN, *BROKEN_PHASES])
+@pytest.mark.parametrize("change, message", [*BROKEN.values(), *BROKEN_MORE.values()],
+                         ids=[*BROKEN, *BROKEN_MORE])
 def test_a_config_that_cannot_train_is_named_by_its_keys(change, message):
     errors = config_errors(with_defaults(broken_config(change)))
     assert len(errors) == 1 and errors[0].startswith(message), errors

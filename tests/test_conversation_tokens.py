@@ -209,3 +209,20 @@ def test_dpo_from_token_files_gives_the_losses_of_the_in_memory_path(corpus, mod
             "val_reward_margin")
     assert any("val_reward_margin" in row for row in history)
     assert losses(history, keys) == losses(expected, keys)
+
+
+def test_mixed_in_shares_of_sft_conversations_and_pretraining_text(sft_data, corpus):
+    """A finetune's sft_mix and pretrain_mix: each that share of all the items, the sft stage's
+    conversations drawn without repeats, the text windows fully labelled, its own examples first."""
+    root, _, _ = sft_data
+    everything, _ = Conversations(root / "tokens", "train").cut(41)
+    own = everything.select(range(5))
+    mixed = sft.with_mixed_in(own, 41, 0, sft_tokens_dir=root / "tokens", sft_share=0.5,
+                              pretrain_tokens_dir=corpus / "tokens", pretrain_share=0.25)
+    assert len(everything) > 10 and len(mixed) == 20  # 5 own = 25%
+    assert all(np.array_equal(mixed[i][0], own[i][0]) for i in range(5))
+    drawn = {tuple(mixed[i][0]) for i in range(5, 15)}
+    assert len(drawn) == 10 and drawn <= {tuple(ids) for ids, _ in everything}
+    assert all(np.array_equal(ids, labels) for ids, labels in (mixed[i] for i in range(15, 20)))
+    # Fewer conversations than the share asks for: all of them, once.
+    assert len(sft.with_mixed_in(own, 41, 0, sft_tokens_dir=root / "tokens", sft_share=0.9)) == 5 + len(everything)

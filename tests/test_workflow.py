@@ -531,6 +531,8 @@ def test_the_finetune_trains_the_dpo_model_on_its_own_sources_and_scores_before_
     assert (results / "finetune/lora/adapter_model.safetensors").exists()
     before, after = load_model(results / "dpo").state_dict(), load_model(results / "finetune").state_dict()
     assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before)
+    # sft_mix (tiny.yaml): the sft stage's conversations reached the finetune.
+    assert "of the sft stage's" in (results / "logs/finetune.log").read_text()
     # Both models on the same held-out items: the finetune's task, every other task, jieba beside them.
     result = stats(results / "eval/finetune.json")
     assert result["init"] == "results/dpo" and result["finetune_tasks"] == ["entities"]

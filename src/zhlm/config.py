@@ -91,9 +91,10 @@ def finetune_errors(config: dict) -> list[str]:
         model = config["model"]
     else:  # another run's model: its context is checked when it loads, and this run's text is not its tokens
         model = {"max_position_embeddings": float("inf")}
-        if finetune["pretrain_mix"]:
-            errors.append(f"finetune.pretrain_mix needs finetune.init in this run's results/ "
-                          f"(not {finetune['init']!r}): the pretraining text it mixes in has this run's tokenizer")
+        for key in ("pretrain_mix", "sft_mix"):
+            if finetune[key]:
+                errors.append(f"finetune.{key} needs finetune.init in this run's results/ (not "
+                              f"{finetune['init']!r}): the text it mixes in has this run's tokenizer")
     return errors + stage_errors("finetune", finetune_settings(finetune), model)
 
 
@@ -130,6 +131,11 @@ def stage_errors(stage: str, settings: dict, model: dict) -> list[str]:
     if stage == "pretrain" and settings.get("lora") is not None:
         errors.append("pretrain.lora must be null: LoRA adapts a trained model (sft, dpo), and pretraining "
                       "trains every weight from scratch")
+    if stage != "finetune" and settings.get("sft_mix"):
+        errors.append(f"{stage}.sft_mix must be 0: mixing in the sft stage's conversations is the finetune's")
+    if settings.get("pretrain_mix", 0) + settings.get("sft_mix", 0) >= 1:
+        errors.append(f"{stage}.pretrain_mix ({settings['pretrain_mix']}) + {stage}.sft_mix ({settings['sft_mix']}) "
+                      "must be below 1: the rest are the stage's own examples")
     if stage != "pretrain" and settings.get("phases") is not None:
         errors.append(f"{stage}.phases must be null: phases (a data mixture and learning-rate shape per part "
                       "of the run) are pretraining's")

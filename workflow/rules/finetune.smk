@@ -33,6 +33,8 @@ rule finetune:
         tokens=rules.tokenize_finetune.output,
         # Pretraining text that pretrain_mix mixes in, as SFT's (config_errors: only for a folder of this run).
         pretrain_tokens=rules.sft.input.pretrain_tokens if config["finetune"]["pretrain_mix"] else [],
+        # The sft stage's conversations that sft_mix mixes in, so the model keeps its tasks.
+        sft_tokens=rules.tokenize_sft.output if config["finetune"]["sft_mix"] else [],
     output:
         folder=trained_files("finetune"),
         plot=report(f"{trained_dir('finetune')}/loss.png", category="Training", caption="../report/loss.rst"),
@@ -41,9 +43,10 @@ rule finetune:
         settings=json.dumps(finetune_settings(config["finetune"])),
         init=lambda w, input: folder(input.init),
         tokens=lambda w, input: folder(input.tokens),
-        # The whole option or nothing: an empty argument does not survive the launcher.
-        pretrain_tokens=lambda w, input: (
-            f"--pretrain-tokens {shlex.quote(folder(input.pretrain_tokens))}" if input.pretrain_tokens else ""),
+        # Each option whole or not at all: an empty argument does not survive the launcher.
+        mixed_in=lambda w, input: " ".join(
+            f"--{flag} {shlex.quote(folder(files))}"
+            for flag, files in (("pretrain-tokens", input.pretrain_tokens), ("sft-tokens", input.sft_tokens)) if files),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
     threads: workflow.cores
@@ -58,7 +61,7 @@ rule finetune:
     shell:
         'exec "$ZHLM_PYTHON" -m zhlm.train.launch {params.launch} "$ZHLM_SCRIPTS/sft.py"'
         " --init {params.init:q} --tokenizer {params.init:q}"
-        " --tokens {params.tokens:q} {params.pretrain_tokens} --out {params.out:q}"
+        " --tokens {params.tokens:q} {params.mixed_in} --out {params.out:q}"
         " --ckpt {params.ckpt:q} --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"
 

@@ -73,6 +73,7 @@ class TrainConfig:
     muon_lr: float = 0.02           # muon: the hidden matrices' learning rate
     zero_init_out_proj: bool = False  # pretrain: o_proj and down_proj start at zero
     pretrain_mix: float = 0.0       # sft: share of pretraining-text windows among the training examples
+    sft_mix: float = 0.0            # finetune: share of the sft stage's conversations among them
     group_by_length: bool = False   # sft, dpo: batches of examples of similar length (less padding)
     lora: LoraSettings | None = None  # sft, dpo: train a LoRA adapter instead of every weight
     phases: list[Phase] | None = None  # pretrain: staged pretraining (zhlm.train.phases); None: one phase

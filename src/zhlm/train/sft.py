@@ -54,35 +54,53 @@ def examples_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
     return total / max(1, count)
 
 
-def with_pretrain_text(examples, pretrain_tokens_dir, share: float, seed: int):
-    """The conversations followed by windows of pretraining text (every token labelled), so that
-    `share` of the items are text; each window is as long as the average conversation, so mixing
-    in text does not lengthen the padded batches."""
-    meta = read_json(Path(pretrain_tokens_dir) / "meta.json")["train"]
-    tokens = np.memmap(Path(pretrain_tokens_dir) / "train.bin", dtype=meta["dtype"], mode="r")
-    count = round(len(examples) * share / (1 - share))
-    windows = TextWindows(tokens, int(np.mean(examples.lengths())), count, seed)
-    log.info("mixing in %d windows of %d pretraining tokens (%.0f%% of the examples)", count, windows.length,
-             100 * share)
-    return Concatenated(examples, windows)
+def with_mixed_in(examples, max_len: int, seed: int, *, pretrain_tokens_dir=None, pretrain_share: float = 0.0,
+                  sft_tokens_dir=None, sft_share: float = 0.0):
+    """The conversations followed by what is mixed in, each a share of all the items:
+    - pretrain_share: windows of pretraining text (every token labelled), each as long as the
+      average conversation, so that mixing in text does not lengthen the padded batches;
+    - sft_share: the sft stage's training conversations (a finetune keeps the tasks it has),
+      a random choice of them, or all of them where there are fewer."""
+    total = len(examples) / (1 - pretrain_share - sft_share)
+    parts = [examples]
+    if sft_share:
+        meta = read_json(Path(sft_tokens_dir) / "meta.json")
+        conversations, _ = Conversations(sft_tokens_dir, "train", meta["dtype"]).cut(max_len)
+        count = min(round(total * sft_share), len(conversations))
+        pick = np.random.default_rng([seed, 1]).choice(len(conversations), size=count, replace=False)
+        parts.append(conversations.select(np.sort(pick)))
+        log.info("mixing in %d of the sft stage's %d conversations", count, len(conversations))
+    if pretrain_share:
+        meta = read_json(Path(pretrain_tokens_dir) / "meta.json")["train"]
+        tokens = np.memmap(Path(pretrain_tokens_dir) / "train.bin", dtype=meta["dtype"], mode="r")
+        count = round(total * pretrain_share)
+        parts.append(TextWindows(tokens, int(np.mean(examples.lengths())), count, seed))
+        log.info("mixing in %d windows of %d pretraining tokens", count, parts[-1].length)
+    return Concatenated(*parts) if len(parts) > 1 else examples
 
 
 def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, pretrain_tokens_dir=None,
-        progress: bool = True) -> list[dict]:
+        sft_tokens_dir=None, progress: bool = True) -> list[dict]:
     """Fine-tune the model in init_dir on ChatML conversations; write a HF model folder to out_dir,
     or with `lora` in the settings the adapter, in peft's format (zhlm.train.lora).
 
     tokens_dir: the SFT splits' token files (zhlm.tokenizer.conversations.tokenize_sft).
     settings: TrainConfig fields (seq_len: longest example, in tokens; eval_examples; pretrain_mix,
-    which needs pretrain_tokens_dir, the pretraining token files; lora).
+    which needs pretrain_tokens_dir, the pretraining token files; sft_mix, which needs
+    sft_tokens_dir, the sft stage's token files; lora).
     """
     init_dir, tokens_dir = Path(init_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     mixed = []
     if settings.get("pretrain_mix"):
         if pretrain_tokens_dir is None:
-            raise ValueError("sft.pretrain_mix needs the pretraining token files")
-        mixed = [Path(pretrain_tokens_dir) / name for name in ("train.bin", "meta.json")]
+            raise ValueError("pretrain_mix needs the pretraining token files")
+        mixed += [Path(pretrain_tokens_dir) / name for name in ("train.bin", "meta.json")]
+    if settings.get("sft_mix"):
+        if sft_tokens_dir is None:
+            raise ValueError("sft_mix needs the sft stage's token files")
+        check_tokenizer(sft_tokens_dir, tokenizer_file)
+        mixed += token_folder_files(sft_tokens_dir)
     cfg, device, fingerprint = start(settings, [init_dir / "model.safetensors", tokenizer_file,
                                                 *token_folder_files(tokens_dir), *mixed])
     model = load_model(init_dir, device)
@@ -98,8 +116,10 @@ def run(init_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dic
              "left out when tokenising)", len(examples), skipped, max_len, meta["train"]["skipped"][NO_ANSWER])
     pad = model.config.pad_token_id
     mean_len = float(np.mean(examples.lengths() - 1))
-    if cfg.pretrain_mix:
-        examples = with_pretrain_text(examples, pretrain_tokens_dir, cfg.pretrain_mix, cfg.seed)
+    if cfg.pretrain_mix or cfg.sft_mix:
+        examples = with_mixed_in(examples, max_len, cfg.seed, pretrain_tokens_dir=pretrain_tokens_dir,
+                                 pretrain_share=cfg.pretrain_mix, sft_tokens_dir=sft_tokens_dir,
+                                 sft_share=cfg.sft_mix)
     data = Examples(examples, cfg.global_batch, cfg.seed, lambda b: pad_batch(b, pad), count_conversations,
                     lengths=examples.lengths() if cfg.group_by_length else None)
     history = train(model, data, sft_loss, cfg, out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint,
