@@ -11,6 +11,7 @@ import yaml
 from zhlm.config import TRAINING_STAGES, ConfigError, check_yaml_file, config_errors
 from zhlm.eval.retrieval import RetrievalEvalConfig
 from zhlm.eval.run import EvalConfig
+from zhlm.export import ExportConfig
 from zhlm.model import ModelConfig
 from zhlm.train.loop import TrainConfig
 from zhlm.train.lora import LoraSettings
@@ -37,9 +38,10 @@ def dataclass_defaults(cls) -> dict:
     (EvalConfig, SCHEMA["properties"]["eval"], True),
     (RolloutConfig, SCHEMA["properties"]["rollouts"], True),
     (RetrievalEvalConfig, SCHEMA["properties"]["retrieval"], True),
+    (ExportConfig, SCHEMA["properties"]["export"], True),
     # The model's config also holds what the data decides (vocab_size, token ids), not in the schema.
     (ModelConfig, SCHEMA["properties"]["model"], False),
-], ids=["training", "lora", "eval", "rollouts", "retrieval", "model"])
+], ids=["training", "lora", "eval", "rollouts", "retrieval", "export", "model"])
 def test_dataclass_defaults_are_the_schemas(cls, section, every_field):
     schema, ours = schema_defaults(section), dataclass_defaults(cls)
     assert set(schema) <= set(ours), f"{cls.__name__} lacks {sorted(set(schema) - set(ours))}"
