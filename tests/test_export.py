@@ -19,6 +19,7 @@ from zhlm.cli import main
 from zhlm.export import DTYPES, export_for_ollama, export_gguf, modelfile, rope_pairs_interleaved
 from zhlm.generate import Sampling, generate
 from zhlm.inference import load
+from zhlm.tokenizer.bpe import build_from_counts, save_tokenizer
 from zhlm.tokenizer.chat import encode_prompt
 
 try:
@@ -109,9 +110,10 @@ def test_the_weights_read_back_as_the_model_has_them(exported, model_dir):
     tolerance = {"f32": 0, "f16": 1e-3, "q8_0": 2e-2}  # relative to the largest weight of the tensor
     for dtype, path in exported.items():
         tensors = {t.name: t for t in GGUFReader(path).tensors}
-        # ggml's (in, out) back to HF's (out, in)
-        read = {name: dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
-                for name, t in tensors.items()}.__getitem__
+
+        def read(name, tensors=tensors):
+            t = tensors[name]  # ggml's (in, out) back to HF's (out, in)
+            return dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
 
         pairs = [("token_embd.weight", weights["model.embed_tokens.weight"]),
                  ("blk.1.ffn_down.weight", weights["model.layers.1.mlp.down_proj.weight"]),
@@ -251,6 +253,21 @@ def test_llama_cpp_tokenizes_as_zhlm_does(exported, model_dir):
         assert llm.detokenize(ours, special=True).decode() == text
 
 
+@needs_llama_cpp
+def test_llama_cpp_splits_text_as_zhlm_does_before_merging(model_dir, tmp_path):
+    """A tokenizer whose merges reach across the pieces other split patterns make (zhlm's own seldom
+    do: their merges stay inside jieba's words), so that llama.cpp's pre-tokenizer must be Qwen2's."""
+    words = {"，好评如潮": 40, " hello": 40, "。\n\n": 40, "   spaces": 40, "I'LL": 40, "x123": 40, "¥1999": 40}
+    tokenizer, _ = build_from_counts(words, vocab_size=300)
+    folder = tmp_path / "other_tokenizer"
+    shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns("_ckpt"))
+    save_tokenizer(tokenizer, folder)
+    export_gguf(folder, tmp_path / "m.gguf", "f16")
+    llm = llama(tmp_path / "m.gguf", vocab_only=True)
+    for text in ["好评如潮，好评如潮。\n\n", "say hello   spaces I'LL", "x123 ¥1999 x1234"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text).ids, text
+
+
 def prompts(model_dir) -> list[list[int]]:
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     chats = [[{"role": "user", "content": "这个手机怎么样？"}],
@@ -267,11 +284,18 @@ def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
             return out
 
 
+def kv_cache(dtype: str) -> dict:
+    """llama.cpp's KV cache in f32 for the f32 file: its default f16 cache rounds the keys and
+    values (logits off by ~0.5% on the tiny model), enough to turn a near tie the other way."""
+    f32 = llama_cpp.GGML_TYPE_F32
+    return {"type_k": f32, "type_v": f32} if dtype == "f32" else {}
+
+
 @needs_llama_cpp
 @pytest.mark.parametrize("dtype, n", [("f32", 48), ("f16", 32)])
 def test_llama_cpp_continues_greedily_as_zhlm_does(exported, model_dir, one_torch_thread, dtype, n):
     lm = load(model_dir, "cpu")
-    llm = llama(exported[dtype], n_ctx=lm.context)
+    llm = llama(exported[dtype], n_ctx=lm.context, **kv_cache(dtype))
     for prompt in prompts(model_dir):
         ours = generate(lm.model, [prompt], Sampling(max_new_tokens=n))[0]
         assert len(ours) == n
@@ -282,8 +306,8 @@ def test_llama_cpp_continues_greedily_as_zhlm_does(exported, model_dir, one_torc
 def test_llama_cpp_logits_are_zhlms(exported, model_dir):
     lm = load(model_dir, "cpu")
     prompt = prompts(model_dir)[1]
-    llm = llama(exported["f32"], n_ctx=lm.context, logits_all=True)
+    llm = llama(exported["f32"], n_ctx=lm.context, logits_all=True, **kv_cache("f32"))
     llm.eval(prompt)
     with torch.no_grad():
         ours = lm.model(torch.tensor([prompt]))[0].numpy()
-    assert np.abs(llm.scores[:len(prompt)] - ours).max() < 1e-3 * np.abs(ours).max()
+    assert np.abs(llm.scores[:len(prompt)] - ours).max() < 1e-4 * np.abs(ours).max()
