@@ -8,7 +8,8 @@ default) and prints: their sizes; how many strings and tokens llama.cpp's tokeni
 compared on against tokenizer.json (real demo text, English, emoji, mixed, whitespace, ChatML),
 and how many differ; for each file, how many of the greedy tokens of the chat prompts below
 equal zhlm's own greedy generation (and the first position where a prompt diverges); and
-tokens/s at batch 1, llama.cpp beside zhlm's generate, both on --threads CPU threads.
+tokens/s at batch 1, llama.cpp beside zhlm's generate, both on --threads CPU threads. The f32
+file runs with an f32 KV cache (llama.cpp's default cache is f16, as for the other files).
 Needs llama-cpp-python (`pip install llama-cpp-python`, which compiles llama.cpp).
 """
 from __future__ import annotations
@@ -102,15 +103,18 @@ def run(args, files: dict[str, Path]) -> None:
     print(f"zhlm generate (torch, {args.threads} threads, f32): {zhlm_rate:.0f} tokens/s at batch 1 "
           f"({len(prompts)} prompts x {n} greedy tokens)")
     for dtype, path in files.items():
+        # The f32 file with an f32 KV cache: llama.cpp's default f16 cache rounds keys and values.
+        cache = "f32" if dtype == "f32" else "f16"
+        kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if cache == "f32" else {}
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=lm.context, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False)
+                              n_threads_batch=args.threads, verbose=False, **kv)
         llama_cpp_greedy(llm, prompts[0], 4)  # warm up
         start = time.perf_counter()
         theirs = [llama_cpp_greedy(llm, p, n) for p in prompts]
         rate = sum(map(len, theirs)) / (time.perf_counter() - start)
         equal, compared, first = agreement(ours, theirs)
-        print(f"llama.cpp {dtype:5s}: {rate:.0f} tokens/s at batch 1; greedy tokens equal to zhlm's: "
-              f"{equal}/{compared}, first difference per prompt {first}")
+        print(f"llama.cpp {dtype:5s} (KV cache {cache}): {rate:.0f} tokens/s at batch 1; "
+              f"greedy tokens equal to zhlm's: {equal}/{compared}, first difference per prompt {first}")
 
 
 if __name__ == "__main__":
