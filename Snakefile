@@ -1,5 +1,5 @@
 # zhlm: raw corpus -> cleaned, deduplicated, split text -> tokenizer -> token ids
-# -> pretrain -> SFT -> DPO rollouts -> DPO -> eval. See README.md.
+# -> pretrain -> SFT -> DPO rollouts -> DPO -> eval, and the DPO model as GGUF. See README.md.
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
@@ -39,6 +39,7 @@ include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/align.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/export.smk"
 
 
 # Its own target, not the default one (README: snakemake results/eval/finetune.md).
@@ -53,3 +54,4 @@ rule all:
         model_folder("dpo"),
         "results/dpo/loss.png",
         "results/eval/report.md",
+        rules.export_gguf.output,

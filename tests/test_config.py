@@ -11,6 +11,7 @@ import yaml
 from zhlm.config import TRAINING_STAGES, ConfigError, check_yaml_file, config_errors, finetune_settings
 from zhlm.eval.retrieval import RetrievalEvalConfig
 from zhlm.eval.run import EvalConfig
+from zhlm.export import ExportConfig
 from zhlm.model import ModelConfig
 from zhlm.train.loop import TrainConfig
 from zhlm.train.lora import LoraSettings
@@ -41,9 +42,10 @@ def dataclass_defaults(cls) -> dict:
     (EvalConfig, SCHEMA["properties"]["eval"], True),
     (RolloutConfig, SCHEMA["properties"]["rollouts"], True),
     (RetrievalEvalConfig, SCHEMA["properties"]["retrieval"], True),
+    (ExportConfig, SCHEMA["properties"]["export"], True),
     # The model's config also holds what the data decides (vocab_size, token ids), not in the schema.
     (ModelConfig, SCHEMA["properties"]["model"], False),
-], ids=["training", "lora", "phase", "eval", "rollouts", "retrieval", "model"])
+], ids=["training", "lora", "phase", "eval", "rollouts", "retrieval", "export", "model"])
 def test_dataclass_defaults_are_the_schemas(cls, section, every_field):
     schema, ours = schema_defaults(section), dataclass_defaults(cls)
     assert set(schema) <= set(ours), f"{cls.__name__} lacks {sorted(set(schema) - set(ours))}"
@@ -116,7 +118,7 @@ BROKEN = {
     "finetune seq_len past this run's context": ({"finetune": {"seq_len": 65}},
                                                  "finetune.seq_len (65) must not exceed model.max_position_embeddings"),
     "finetune mixing this run's text into another run's model": (
-        {"finetune": {"init": "/models/other", "pretrain_mix": 0.2}},
+        {"finetune": {"init": "/models/other", "pretrain_mix": 0.2, "sft_mix": 0.0}},
         "finetune.pretrain_mix needs finetune.init in this run's results/ (not '/models/other')"),
 }
 

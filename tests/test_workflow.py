@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from gguf import GGUFReader
 from project_files import copy_tree
 from safetensors import safe_open
 from slurm_cluster import ClusterUnavailable, SlurmCluster
@@ -263,6 +264,16 @@ def test_built_tokenizer_round_trips_fuzzed_strings(dag):
     tokenizer = Tokenizer.from_file(str(workdir / "results/tokenizer/tokenizer.json"))
     for s in fuzz_strings(3000):
         assert tokenizer.decode(tokenizer.encode(s).ids, skip_special_tokens=False) == s
+
+
+def test_the_dpo_model_is_exported_as_gguf_with_an_ollama_modelfile(dag):
+    workdir, _, _ = dag
+    folder = workdir / "results/dpo"
+    reader = GGUFReader(folder / "model.gguf")
+    assert reader.fields["general.file_type"].contents() == 1  # MOSTLY_F16: the schema's default dtype
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[:len(vocab)] == sorted(vocab, key=vocab.get)
+    assert (folder / "Modelfile").read_text().startswith("FROM ./model.gguf\n")
 
 
 def test_second_run_has_nothing_to_do(dag):

@@ -1,10 +1,11 @@
-"""The `zhlm` command: `zhlm chat MODEL_DIR` and `zhlm serve MODEL_DIR`."""
+"""The `zhlm` command: `zhlm chat MODEL_DIR`, `zhlm serve MODEL_DIR`, `zhlm export gguf MODEL_DIR OUT.gguf`."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
+from zhlm.export import DTYPES, ExportConfig
 from zhlm.retrieval import REFERENCE_CHARS, TOP_K
 
 
@@ -49,7 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     serve.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default 16)")
     add_docs_arguments(serve)
+
+    export = sub.add_parser("export", help="write a model folder in another format",
+                            description="Write a model folder in another format.")
+    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    gguf = formats.add_parser("gguf", help="one GGUF file for llama.cpp, ollama, LM Studio",
+                              description="Write a model folder as one GGUF file (llama.cpp's llama architecture, "
+                                          "the BPE tokenizer and the ChatML template inside).")
+    gguf.add_argument("model_dir", help="a zhlm model folder, e.g. results/dpo")
+    gguf.add_argument("out", help="the .gguf file to write")
+    gguf.add_argument("--dtype", choices=DTYPES, default=ExportConfig.dtype,
+                      help=f"type of the weight matrices; norms stay f32 (default {ExportConfig.dtype})")
+    gguf.add_argument("--modelfile", action="store_true", help="also write an ollama Modelfile beside OUT")
     return parser
+
+
+def export(args) -> int:
+    from zhlm.export import export_for_ollama, export_gguf
+
+    summary = (export_for_ollama if args.modelfile else export_gguf)(args.model_dir, args.out, args.dtype)
+    types = ", ".join(f"{n} {t}" for t, n in summary["tensors"].items())
+    print(f"{args.out}: {summary['bytes'] / 2**20:.1f} MiB, {args.dtype} ({types} tensors)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         from zhlm.chat import run
         return run(args)
+    if args.command == "export":
+        return export(args)
     from zhlm.serve import run
     return run(args)
 
