@@ -652,7 +652,7 @@ def test_preempted_slurm_training_job_is_resubmitted_and_resumes(slurm_dag):
     workdir, _, cluster = slurm_dag
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     steps = 600
-    config["pretrain"].update(steps=steps, checkpoint_every=5, eval_every=steps)
+    config["pretrain"].update(steps=steps, checkpoint_every=5, eval_every=steps, phases=None)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     ckpt = workdir / "results/pretrain/_ckpt/last.pt"
     output = workdir / "preempted.out"
@@ -663,7 +663,9 @@ def test_preempted_slurm_training_job_is_resubmitted_and_resumes(slurm_dag):
         while not (ckpt.exists() and SUBMITTED.search(output.read_text())) and run.poll() is None:
             assert time.time() < deadline, output.read_text()[-3000:]
             time.sleep(0.2)
-        first_job = SUBMITTED.search(output.read_text()).group(1)
+        submitted = SUBMITTED.search(output.read_text())
+        assert submitted and ckpt.exists(), output.read_text()[-3000:]  # not ended before it was preempted
+        first_job = submitted.group(1)
         subprocess.run(["scancel", "--signal=TERM", first_job], env=cluster.env, check=True)
         assert run.wait(timeout=300) == 0, output.read_text()[-5000:]
     submitted = SUBMITTED.findall(output.read_text())
