@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from zhlm.data import demo
-from zhlm.export import DTYPES, export_gguf
+from zhlm.export import DTYPES, export_gguf, llama_cpp_greedy
 from zhlm.generate import Sampling, generate
 from zhlm.inference import load
 from zhlm.tokenizer.chat import encode_prompt
@@ -47,14 +47,6 @@ def tokenizer_parity(llm, tokenizer: Tokenizer, texts: list[str]) -> tuple[int, 
         if llm.tokenize(text.encode(), add_bos=False, special=True) != ours:
             differ.append(text)
     return len(texts), tokens, differ
-
-
-def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
-    out = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        out.append(token)
-        if len(out) == n:
-            return out
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, int, list[int | None]]:

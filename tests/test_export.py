@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 from zhlm.cli import main
-from zhlm.export import DTYPES, export_for_ollama, export_gguf, modelfile, rope_pairs_interleaved
+from zhlm.export import DTYPES, export_for_ollama, export_gguf, llama_cpp_greedy, modelfile, rope_pairs_interleaved
 from zhlm.generate import Sampling, generate
 from zhlm.inference import load
 from zhlm.tokenizer.bpe import build_from_counts, save_tokenizer
@@ -273,15 +273,6 @@ def prompts(model_dir) -> list[list[int]]:
     chats = [[{"role": "user", "content": "这个手机怎么样？"}],
              [{"role": "system", "content": "你是客服。"}, {"role": "user", "content": "物流很快，包装完好。"}]]
     return [encode_prompt(tokenizer, c) for c in chats] + [tokenizer.encode(t).ids for t in ("质量", "不错，")]
-
-
-def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
-    """n tokens by llama.cpp's greedy sampler, not stopping at end-of-turn tokens."""
-    out = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        out.append(token)
-        if len(out) == n:
-            return out
 
 
 def kv_cache(dtype: str) -> dict:

@@ -651,7 +651,7 @@ def test_preempted_slurm_training_job_is_resubmitted_and_resumes(slurm_dag):
     checkpoint and finishes."""
     workdir, _, cluster = slurm_dag
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    steps = 600
+    steps = 300
     config["pretrain"].update(steps=steps, checkpoint_every=5, eval_every=steps, phases=None)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     ckpt = workdir / "results/pretrain/_ckpt/last.pt"
@@ -667,7 +667,7 @@ def test_preempted_slurm_training_job_is_resubmitted_and_resumes(slurm_dag):
         assert submitted and ckpt.exists(), output.read_text()[-3000:]  # not ended before it was preempted
         first_job = submitted.group(1)
         subprocess.run(["scancel", "--signal=TERM", first_job], env=cluster.env, check=True)
-        assert run.wait(timeout=300) == 0, output.read_text()[-5000:]
+        assert run.wait(timeout=600) == 0, output.read_text()[-5000:]
     submitted = SUBMITTED.findall(output.read_text())
     assert [Path(log).parts[-2] for _, log in submitted] == ["rule_pretrain"] * 2
     (first, first_log), (second, second_log) = submitted

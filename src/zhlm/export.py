@@ -246,3 +246,12 @@ def export_for_ollama(model_dir: str | os.PathLike, out_path: str | os.PathLike,
         tmp.write_text(modelfile(model_dir, out_path.name), encoding="utf-8")
     return summary
 
+
+def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    """n tokens of a `llama_cpp.Llama`'s greedy continuation of `prompt`, not stopping at
+    end-of-turn tokens: what the parity checks compare with zhlm's own greedy generation."""
+    out = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if len(out) == n:
+            return out
