@@ -4,15 +4,9 @@ jieba's part-of-speech tagger on the held-out entity rows (the baseline that nee
 """
 from __future__ import annotations
 
-from zhlm.data.split import split_point
-from zhlm.eval.run import EvalConfig, evaluate_model
+from zhlm.eval.run import EvalConfig, choice_sets_of, evaluate_model, read_rows
 from zhlm.eval.tasks import jieba_baseline, select_rows
-from zhlm.io import read_parquets
 from zhlm.tokenizer.word_counts import iter_parquet_texts
-
-
-def _rows(paths) -> list[dict]:
-    return read_parquets(paths).to_pylist() if paths else []
 
 
 def evaluate_finetune(init_dir, model_dir, *, finetune_rows: list[dict], task_rows: list[dict],
@@ -42,9 +36,7 @@ def evaluate_finetune_files(init_dir, model_dir, *, finetune_task_files, task_fi
                             choice_files: dict | None = None, holdout: float = 0.0, seq_len: int,
                             settings: dict | None = None) -> dict:
     """evaluate_finetune on the workflow's files (each a list of a split's parquet shards);
-    choice_files as zhlm.eval.run.evaluate_files takes them."""
-    choice_sets = {name: [r for r in _rows([path]) if not heldout_only or split_point(r["id"]) < holdout]
-                   for name, (path, heldout_only) in (choice_files or {}).items()}
-    return evaluate_finetune(init_dir, model_dir, finetune_rows=_rows(finetune_task_files),
-                             task_rows=_rows(task_files), val_files=val_files,
-                             choice_sets=choice_sets, seq_len=seq_len, settings=settings)
+    choice_files as zhlm.eval.run.choice_sets_of takes them."""
+    return evaluate_finetune(init_dir, model_dir, finetune_rows=read_rows(finetune_task_files) or [],
+                             task_rows=read_rows(task_files) or [], val_files=val_files,
+                             choice_sets=choice_sets_of(choice_files, holdout), seq_len=seq_len, settings=settings)

@@ -174,6 +174,18 @@ def reference_logps(reference_dir, tokenizer: Tokenizer, encoded: list[tuple], s
     return pair_logps(reference.model, tokenizer, encoded, batch_size=s.batch_size)
 
 
+def read_rows(paths) -> list[dict] | None:
+    """The rows of parquet files (a split's shards), or None for no files."""
+    return read_parquets(paths).to_pylist() if paths else None
+
+
+def choice_sets_of(choice_files: dict | None, holdout: float) -> dict[str, list[dict]]:
+    """choice_files maps a set's name to (path, heldout_only): a set built from training data is
+    scored on its held-out band only."""
+    return {name: [r for r in read_rows([path]) if not heldout_only or split_point(r["id"]) < holdout]
+            for name, (path, heldout_only) in (choice_files or {}).items()}
+
+
 def evaluate_files(model_dir, *, stage: str, val_files, train_files=(), task_files=(),
                    pair_files=(), choice_files: dict | None = None, holdout: float = 0.0,
                    seq_len: int, settings: dict | None = None, reference_dir=None,
@@ -182,18 +194,12 @@ def evaluate_files(model_dir, *, stage: str, val_files, train_files=(), task_fil
 
     Texts are streamed: the held-out text up to its budget, the training text once for the
     unigram baseline. Held-out pairs are the rows of split "eval" (or files without a split
-    column); choice_files maps a set's name to (path, heldout_only): a set built from
-    training data is scored on its held-out band only.
+    column); choice_files as choice_sets_of takes them.
     """
-    def rows(paths):
-        return read_parquets(paths).to_pylist() if paths else None
-
-    pairs = [r for r in rows(pair_files) or [] if r.get("split", "eval") == "eval"]
-    choice_sets = {}
-    for name, (path, heldout_only) in (choice_files or {}).items():
-        choice_sets[name] = [r for r in rows(path) if not heldout_only or split_point(r["id"]) < holdout]
+    pairs = [r for r in read_rows(pair_files) or [] if r.get("split", "eval") == "eval"]
     return evaluate_model(
         model_dir, stage=stage, val_texts=iter_parquet_texts(val_files, ["text"]),
         train_texts_for_baseline=iter_parquet_texts(train_files, ["text"]) if train_files else None,
-        task_rows=rows(task_files), pairs=pairs, choice_sets=choice_sets, seq_len=seq_len, settings=settings,
+        task_rows=read_rows(task_files), pairs=pairs, choice_sets=choice_sets_of(choice_files, holdout),
+        seq_len=seq_len, settings=settings,
         reference_dir=reference_dir, dpo_settings=dpo_settings)
