@@ -1,12 +1,15 @@
-"""What a recipe costs per step: the config's pretrain and SFT steps beside AdamW with plain batches.
+"""What a recipe costs per step: the config's pretrain and SFT steps beside AdamW with plain batches,
+in fp32 and in bf16 autocast.
 
     python benchmarks/bench_step_cost.py [--results results] [--config config/config.yaml] [--steps 10]
 
 Times optimizer steps as the training loop runs them (loss, backward, clipping, optimizer) at the
 config's model shape and batch, on the run's token files: pretraining windows with the config's
 optimizer against AdamW, and SFT batches with the config's optimizer, pretraining mix and
-grouping by length against AdamW on plain shuffled batches. The variants alternate, several
-rounds, and the median step is reported: on a shared machine only the ratios mean something.
+grouping by length against AdamW on plain shuffled batches; the config's steps once more in bf16
+autocast (what dtype "auto" picks on a GPU or a CPU with bf16 instructions). The variants
+alternate, several rounds, and the median step is reported: on a shared machine only the ratios
+mean something.
 """
 from __future__ import annotations
 
@@ -29,12 +32,13 @@ from zhlm.train.pretrain import next_token_loss
 from zhlm.train.sft import count_conversations, sft_loss, with_mixed_in
 
 
-def step_seconds(model, optimizer, data, loss_fn, steps: list[int]) -> list[float]:
+def step_seconds(model, optimizer, data, loss_fn, steps: list[int], dtype) -> list[float]:
     times = []
     for step in steps:
         start = time.perf_counter()
         batch = data.global_batch(step)
-        loss, _ = loss_fn(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss, _ = loss_fn(model, batch)
         (loss / data.count(batch)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -75,8 +79,10 @@ def main():
     variants = {
         "pretrain, AdamW": pretrain_variant(pt | plain),
         "pretrain, the config": pretrain_variant(pt),
+        "pretrain, the config, bf16": pretrain_variant(pt | {"dtype": "bf16"}),
         "sft, AdamW, plain batches": sft_variant(st | plain),
         "sft, the config": sft_variant(st),
+        "sft, the config, bf16": sft_variant(st | {"dtype": "bf16"}),
     }
     times = {name: [] for name in variants}
     for r in range(args.rounds):
@@ -85,12 +91,15 @@ def main():
             model = LlamaForCausalLM(model_config)
             optimizer = make_optimizer(model, cfg, torch.device("cpu"))
             steps = list(range(r * 1000, r * 1000 + args.steps + 1))
-            times[name] += step_seconds(model, optimizer, data, loss_fn, steps)[1:]  # the first warms up
+            times[name] += step_seconds(model, optimizer, data, loss_fn, steps, cfg.dtype)[1:]  # the first warms up
     print(f"{torch.get_num_threads()} threads; median of {args.rounds} x {args.steps} steps\n")
-    print("| variant | s/step | vs AdamW |\n|---|---:|---:|")
+    print("| variant | s/step | vs AdamW | vs the config |\n|---|---:|---:|---:|")
     for name, ts in times.items():
-        base = times[name.split(",")[0] + (", AdamW" if name.startswith("pretrain") else ", AdamW, plain batches")]
-        print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / statistics.median(base):.2f}x |")
+        stage = name.split(",")[0]
+        base = times[stage + (", AdamW" if stage == "pretrain" else ", AdamW, plain batches")]
+        median = statistics.median(ts)
+        print(f"| {name} | {median:.3f} | {median / statistics.median(base):.2f}x "
+              f"| {median / statistics.median(times[stage + ', the config']):.2f}x |")
 
 
 if __name__ == "__main__":

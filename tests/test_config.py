@@ -133,6 +133,11 @@ BROKEN_MORE = {
     "sft_mix in sft": ({"sft": {"sft_mix": 0.2}}, "sft.sft_mix must be 0"),
     "nothing of the finetune's own left": ({"finetune": {"pretrain_mix": 0.5, "sft_mix": 0.5}},
                                            "finetune.pretrain_mix (0.5) + finetune.sft_mix (0.5) must be below 1"),
+    "rollouts of the finetune's source": ({"rollouts": {"sources": ["demo_polarity", "demo_entities"]}},
+                                          "rollouts.sources: 'demo_entities' must name an sft source of the sft "
+                                          "stage: one of demo_idiom_tasks, demo_polarity, demo_segmentation"),
+    "rollouts of a pretrain source": ({"rollouts": {"sources": ["demo_news"]}},
+                                      "rollouts.sources: 'demo_news' must name an sft source of the sft stage"),
 }
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zhlm.data import demo
-from zhlm.data.split import item_key
+from zhlm.data.split import item_key, split_point
 from zhlm.eval import (
     char_f1,
     choice_accuracy,
@@ -172,8 +172,10 @@ def test_evaluate_tasks_runs_and_limits(model, tokenizer):
                  "history": None})
     metrics, answers = evaluate_tasks(model, tokenizer, rows, max_new_tokens=4, batch_size=2, per_task_limit=2)
     assert {t: m["n"] for t, m in metrics.items()} == {"meaning": 2, "pinyin": 2, "polarity": 1}
-    # the first two by id (丙 U+4E19 < 乙 U+4E59 < 甲 U+7532)
-    assert [a["id"] for a in answers if a["task"] == "pinyin"] == ["idiom:丙#pinyin", "idiom:乙#pinyin"]
+    # the first two by the split's hash of the item, the same items for both tasks
+    first = sorted("甲乙丙", key=lambda w: split_point(f"idiom:{w}"))[:2]
+    assert [a["id"] for a in answers if a["task"] == "pinyin"] == [f"idiom:{w}#pinyin" for w in first]
+    assert [a["id"] for a in answers if a["task"] == "meaning"] == [f"idiom:{w}#meaning" for w in first]
     again, answers2 = evaluate_tasks(model, tokenizer, rows, max_new_tokens=4, batch_size=3, per_task_limit=2)
     assert again == metrics and [a["answer"] for a in answers2] == [a["answer"] for a in answers]
 

@@ -1,4 +1,7 @@
-"""DPO rollouts: each task's answer budget; every prompt counted; a right answer never rejected."""
+"""DPO rollouts: a sample of prompts from every source; each task's answer budget; every prompt
+counted; a right answer never rejected."""
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from zhlm.inference import load
@@ -45,3 +48,26 @@ def test_rollout_pairs_and_counts(fake_generate):
     assert stats["looping_rollouts"] == 1
     # A segmentation answer repeats its sentence: twice the budget, as the eval gives it.
     assert budgets["d#seg0"] == 128 and budgets["a#polarity"] == budgets["e#meaning"] == 64
+
+
+def write_prompts(path, source, numbers):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"{source}:{n}", "source": source, "prompt": f"问题{n}", "response": f"答案{n}"} for n in numbers]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_the_prompt_sample_takes_every_source_in_its_share_whatever_the_files(tmp_path):
+    # Three sources whose ids sort one after another: the first 150 by id would all be "a".
+    one_file_each = [write_prompts(tmp_path / "whole" / f"{s}.parquet", s, range(300)) for s in "abc"]
+    shards = [write_prompts(tmp_path / "shards" / f"{s}{k}.parquet", s, range(k, 300, 2))
+              for s in "cba" for k in (1, 0)]
+    sample = rollouts.sample_prompts(one_file_each, 150)
+    assert sample == rollouts.sample_prompts(shards, 150)  # the same rows, in id order, whatever the sharding
+    assert [r["id"] for r in sample] == sorted(r["id"] for r in sample) and len({r["id"] for r in sample}) == 150
+    for source in "abc":
+        assert 30 <= sum(r["source"] == source for r in sample) <= 70  # 50 expected
+    assert all(r["response"] == "答案" + r["id"].split(":")[1] for r in sample)  # whole rows
+    smaller = {r["id"] for r in rollouts.sample_prompts(one_file_each, 60)}
+    assert smaller < {r["id"] for r in sample}  # a larger sample holds a smaller one
+    assert len(rollouts.sample_prompts(one_file_each, 5000)) == 900

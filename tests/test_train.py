@@ -19,7 +19,7 @@ from zhlm.lm import IGNORE, pad_batch, sequence_logp
 from zhlm.tokenizer.chat import encode_chat
 from zhlm.train import launch
 from zhlm.train.dpo import dpo_losses, make_dpo_loss
-from zhlm.train.loop import CHECKPOINTS, TrainConfig, learning_rate, read_checkpoint
+from zhlm.train.loop import CHECKPOINTS, TrainConfig, autocast_dtype, learning_rate, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -151,6 +151,17 @@ def test_learning_rate_schedules():
     wsd = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
     assert learning_rate(wsd, 50) == 1.0 and learning_rate(wsd, 79) == 1.0
     assert learning_rate(wsd, 99) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                        (False, False, None)])
+def test_auto_dtype_on_a_cpu_is_bf16_where_it_has_bf16_instructions(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert autocast_dtype(TrainConfig(dtype="auto"), cpu) is expected
+    assert autocast_dtype(TrainConfig(dtype="fp32"), cpu) is None
+    assert autocast_dtype(TrainConfig(dtype="bf16"), cpu) is torch.bfloat16
 
 
 def run_until_then_terminate(cmd, path) -> str:

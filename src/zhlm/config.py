@@ -43,9 +43,9 @@ def config_errors(config: dict) -> list[str]:
     """What makes a config that its schema accepts (defaults filled in) impossible to train, one
     message per broken rule, each naming its keys and their values."""
     pretrain_sources = [name for name, source in config["sources"].items() if source["kind"] == "pretrain"]
-    return model_shape_errors(config["model"]) + [
-        error for stage in TRAINING_STAGES for error in stage_errors(stage, config[stage], config["model"])
-    ] + phase_errors(config["pretrain"], pretrain_sources) + retrieval_errors(config) + finetune_errors(config)
+    stages = [error for stage in TRAINING_STAGES for error in stage_errors(stage, config[stage], config["model"])]
+    return (model_shape_errors(config["model"]) + stages + phase_errors(config["pretrain"], pretrain_sources)
+            + retrieval_errors(config) + finetune_errors(config) + rollout_errors(config))
 
 
 def phase_errors(settings: dict, sources: list[str] | None = None) -> list[str]:
@@ -96,6 +96,14 @@ def finetune_errors(config: dict) -> list[str]:
                 errors.append(f"finetune.{key} needs finetune.init in this run's results/ (not "
                               f"{finetune['init']!r}): the text it mixes in has this run's tokenizer")
     return errors + stage_errors("finetune", finetune_settings(finetune), model)
+
+
+def rollout_errors(config: dict) -> list[str]:
+    """Rollouts answer the DPO prompts of sft sources that the sft stage trains on (not the finetune's)."""
+    finetune = (config.get("finetune") or {}).get("sources") or []
+    sft = [name for name, source in config["sources"].items() if source["kind"] == "sft" and name not in finetune]
+    return [f"rollouts.sources: {name!r} must name an sft source of the sft stage: one of {', '.join(sft)}"
+            for name in config["rollouts"].get("sources", []) if name not in sft]
 
 
 def retrieval_errors(config: dict) -> list[str]:

@@ -43,7 +43,7 @@ rule sft:
 rule rollouts:
     input:
         model=model_folder("sft"),
-        prompts=split_files("sft", "dpo_prompts"),
+        prompts=rollout_prompt_files(),
     output:
         pairs="results/rollouts/pairs.parquet",
         stats="results/rollouts/stats.json",

@@ -62,6 +62,12 @@ def split_files(kind, name):
     return [f"results/split/{kind}/{s}/{i}/{name}.parquet" for s, i in shards_of(kind)]
 
 
+def rollout_prompt_files():
+    """The dpo_prompts split of rollouts.sources, or of every sft source."""
+    chosen = config["rollouts"]["sources"] or sources_of("sft")
+    return [f"results/split/sft/{s}/{i}/dpo_prompts.parquet" for s, i in shards_of("sft") if s in chosen]
+
+
 def tokenizer_training_text():
     """Every training split but the finetune's (which trains a model that has its tokenizer): the
     tokenizer never sees held-out text."""

@@ -9,6 +9,7 @@ import re
 
 from tokenizers import Tokenizer
 
+from zhlm.data.split import split_point
 from zhlm.eval.metrics import (
     char_f1,
     entity_counts,
@@ -38,11 +39,14 @@ def task_of(row_id: str) -> str:
 
 
 def select_rows(rows: list[dict], per_task_limit: int | None = None) -> dict[str, list[dict]]:
-    """Rows grouped by task, each group sorted by id and cut to the limit (deterministic)."""
+    """Rows grouped by task, each group cut to the limit: a sample in the order of the split's hash
+    of each item (split_point; then by id), so every task is scored on items drawn uniformly from
+    the held-out band, and an item's tasks (an idiom's pinyin, meaning, ...) on the same items.
+    (The first by id would be the idioms whose first character has the lowest code point.)"""
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for row in rows:
         groups[task_of(row["id"])].append(row)
-    return {task: sorted(group, key=lambda r: r["id"])[:per_task_limit]
+    return {task: sorted(group, key=lambda r: (split_point(r["id"]), r["id"]))[:per_task_limit]
             for task, group in sorted(groups.items())}
 
 

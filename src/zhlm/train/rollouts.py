@@ -1,10 +1,12 @@
 """DPO rollouts: the SFT model answers held-back prompts; its answer is `rejected`, the reference `chosen`.
 
-Pairs whose two answers are nearly the same (character similarity at or above
-`max_similarity`) teach nothing and are dropped, and counted (so a rollout that answers
-a checkable task exactly right never becomes a rejected answer). Each task's answers get
-the token budget the eval gives them. A share of the pairs, chosen by a hash of their id, is kept
-for evaluation only.
+The prompts are a sample of the DPO prompts, drawn by a hash of each prompt's id: every source
+and task in its share, the same sample whatever the sharding or file order (taking the first by
+id would take only the source whose name sorts first). Pairs whose two answers are nearly the
+same (character similarity at or above `max_similarity`) teach nothing and are dropped, and
+counted (so a rollout that answers a checkable task exactly right never becomes a rejected
+answer). Each task's answers get the token budget the eval gives them. A share of the pairs,
+chosen by a hash of their id, is kept for evaluation only.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import hashlib
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -21,14 +25,16 @@ from zhlm.eval.metrics import loop_unit
 from zhlm.eval.tasks import answer_budget, task_of
 from zhlm.generate import Sampling, generate
 from zhlm.inference import load
-from zhlm.io import read_parquets
+from zhlm.io import as_paths
 from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
 
 
 @dataclass
 class RolloutConfig:
     """The schema's `rollouts` settings, with its defaults (a test holds the two together)."""
-    max_prompts: int = 2000          # DPO prompts answered (the first by id)
+    max_prompts: int = 2000          # DPO prompts answered: a sample by a hash of their ids (sample_prompts)
+    sources: list[str] = dataclasses.field(default_factory=list)  # the sft sources whose prompts the workflow
+                                                                   # passes (none: every sft source)
     batch_size: int = 32
     temperature: float = 0.8
     top_p: float = 0.95
@@ -42,6 +48,23 @@ class RolloutConfig:
 def similarity(a: str, b: str) -> float:
     """Character-level similarity in [0, 1] (difflib's ratio: 2 × matches / total length)."""
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def prompt_rank(row_id: str) -> bytes:
+    """The order prompts are sampled in: a hash of the id, so a sample of any size is uniform over
+    sources and tasks, and a larger one contains a smaller one."""
+    return hashlib.blake2b(f"prompt:{row_id}".encode(), digest_size=8).digest()
+
+
+def sample_prompts(prompt_files, max_prompts: int) -> list[dict]:
+    """The max_prompts rows of prompt_files (parquet paths) lowest by prompt_rank, in id order.
+
+    Only the ids of all the prompts are held at once; the rows are read one file at a time."""
+    paths = as_paths(prompt_files)
+    ids = [i for path in paths for i in pq.read_table(path, columns=["id"]).column("id").to_pylist()]
+    chosen = pa.array(sorted(ids, key=prompt_rank)[:max_prompts])
+    rows = [row for path in paths for row in pq.read_table(path, filters=pc.field("id").isin(chosen)).to_pylist()]
+    return sorted(rows, key=lambda row: row["id"])
 
 
 def is_eval_pair(row_id: str, eval_fraction: float) -> bool:
@@ -98,11 +121,11 @@ def rollout(model, tokenizer, rows: list[dict], sampling: Sampling, *, batch_siz
 
 
 def run(model_dir, prompt_files, *, settings: dict, progress: bool = True) -> tuple[pa.Table, dict]:
-    """Rollouts of the model in model_dir on the first max_prompts prompts (by id) of prompt_files
-    (a parquet path or a list); settings: RolloutConfig."""
+    """Rollouts of the model in model_dir on a sample of max_prompts prompts of prompt_files
+    (a parquet path or a list; sample_prompts); settings: RolloutConfig."""
     cfg = RolloutConfig(**settings)
     lm = load(model_dir, cfg.device)
-    rows = sorted(read_parquets(prompt_files).to_pylist(), key=lambda r: r["id"])[:cfg.max_prompts]
+    rows = sample_prompts(prompt_files, cfg.max_prompts)
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     return rollout(lm.model, lm.tokenizer, rows, sampling, batch_size=cfg.batch_size, seed=cfg.seed,
                    max_similarity=cfg.max_similarity, eval_fraction=cfg.eval_fraction,
