@@ -1,15 +1,17 @@
 """SFT or DPO recipes side by side: held-out task metrics, forgetting, looping, implicit reward.
 
     python benchmarks/bench_align.py sft [--results results] [--config config/config.yaml]
-        [--pretrain-overrides JSON] [--variants NAME,NAME...] [--device auto] [--out FILE.json] [--keep DIR]
+        [--pretrain-overrides JSON | --pretrained DIR] [--variants NAME,NAME...] [--device auto]
+        [--out FILE.json] [--keep DIR]
     python benchmarks/bench_align.py dpo [--results results] [--sft DIR] ...
 
 Reads a finished run's files under --results (tokens/, tokenizer/, split/; for dpo also sft/,
 rollouts/ and tokens/dpo/). sft: pretrains once with the config's `pretrain` settings (plus
---pretrain-overrides), then runs each SFT variant (overrides of the config's `sft` settings,
-SFT_VARIANTS) from that model (--keep DIR keeps each model folder). dpo: runs each DPO variant
-(DPO_VARIANTS: overrides of the config's `dpo` settings, and of its `rollouts` settings under
-"rollouts", which makes new pairs) from --sft (default results/sft).
+--pretrain-overrides; or starts from --pretrained, say results/pretrain), then runs each SFT
+variant (overrides of the config's `sft` settings, SFT_VARIANTS) from that model (--keep DIR
+keeps each model folder). dpo: runs each DPO variant (DPO_VARIANTS: overrides of the config's
+`dpo` settings, and of its `rollouts` settings under "rollouts", which makes new pairs) from
+--sft (default results/sft).
 Each model is scored as the eval stage scores it: bits per character on held-out pretraining
 text (what the stage forgets), the held-out task metrics (greedy answers), the share of looping
 answers, and for dpo the implicit-reward accuracy on the held-out pairs against results/sft.
@@ -83,15 +85,17 @@ def score(model_dir, stage, results: Path, config, device, reference_dir=None, d
 
 def run_sft(args, config, results: Path, tmp: Path) -> list[dict]:
     t0 = time.perf_counter()
-    pretrain.run(results / "tokens", results / "tokenizer", tmp / "pretrain", tmp / "ckpt",
-                 model_settings=config["model"], progress=False,
-                 settings=config["pretrain"] | {"device": args.device} | json.loads(args.pretrain_overrides))
+    base = Path(args.pretrained) if args.pretrained else tmp / "pretrain"
+    if not args.pretrained:
+        pretrain.run(results / "tokens", results / "tokenizer", base, tmp / "ckpt",
+                     model_settings=config["model"], progress=False,
+                     settings=config["pretrain"] | {"device": args.device} | json.loads(args.pretrain_overrides))
     rows = [{"variant": "pretrained", "train_s": time.perf_counter() - t0,
-             **score(tmp / "pretrain", "pretrain", results, config, args.device)}]
+             **score(base, "pretrain", results, config, args.device)}]
     print(json.dumps(rows[-1]), flush=True)
     for name in (args.variants or ",".join(SFT_VARIANTS)).split(","):
         t0 = time.perf_counter()
-        sft.run(tmp / "pretrain", results / "tokenizer", results / "tokens/sft", tmp / name, tmp / "ckpt",
+        sft.run(base, results / "tokenizer", results / "tokens/sft", tmp / name, tmp / "ckpt",
                 settings=config["sft"] | {"device": args.device} | SFT_VARIANTS[name],
                 pretrain_tokens_dir=results / "tokens", progress=False)
         rows.append({"variant": name, "train_s": time.perf_counter() - t0,
@@ -141,6 +145,7 @@ def main():
     parser.add_argument("--results", default="results")
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--pretrain-overrides", default="{}", help="sft: overrides of the config's pretrain")
+    parser.add_argument("--pretrained", help="sft: start from this pretrained model folder instead of pretraining")
     parser.add_argument("--variants", help="comma-separated names (default: all of the stage's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", help="sft: keep each variant's model folder under this folder")

@@ -28,6 +28,7 @@ from zhlm.eval import (
     loop_unit,
     looping_share,
     normalize_answer,
+    paired_difference,
     polarity_label,
     preference_accuracy,
     read_choice_csv,
@@ -449,6 +450,28 @@ def test_report_shows_each_stage_beside_the_previous(tmp_path):
     assert "| choice.idioms.letter_accuracy | – | 0.250 | – | 0.375 | +0.125 |" in stages
     looping = text.split("## Looping answers")[1].split("\n## ")[0]
     assert "| sample answers | 0.000 | 0.750 | +0.750 |" in looping and "| origin | 0.100 | 0.500 | +0.400 |" in looping
+
+
+def test_paired_difference_and_its_standard_error():
+    mean, se = paired_difference([0, 1, 1, 0], [1, 1, 1, 1])
+    assert mean == 0.5 and se == pytest.approx(math.sqrt(1 / 3) / 2)  # differences 1, 0, 0, 1: sd √(1/3)
+    assert paired_difference([0.2, 0.4], [0.3, 0.5]) == (pytest.approx(0.1), pytest.approx(0.0))
+
+
+def test_report_says_which_changes_are_beyond_noise(tmp_path):
+    """DPO gets every polarity item right that SFT got wrong (a change far beyond noise), answers
+    origin as SFT did but for one item (within noise), and loops on one origin answer more."""
+    def answers(task, scores, looping=()):
+        return [{"id": f"x{i}#{task}", "task": task, "score": score, "prompt": "p", "reference": "r",
+                 "answer": "不与之，" * 5 if i in looping else "答"} for i, score in enumerate(scores)]
+    sft = answers("polarity", [0.0] * 30 + [1.0] * 10) + answers("origin", [0.1] * 40)
+    dpo = answers("polarity", [1.0] * 40) + answers("origin", [0.1] * 39 + [0.3], looping={5})
+    out = tmp_path / "report.md"
+    write_report({"sft": {"task_answers": sft}, "dpo": {"task_answers": dpo}}, out)
+    section = out.read_text(encoding="utf-8").split("## Changes beyond noise?")[1].split("\n## ")[0]
+    assert "| sft → dpo | polarity | score | 40 | +0.750 | 0.069 | beyond noise |" in section
+    assert "| sft → dpo | origin | score | 40 | +0.005 | 0.005 | within noise |" in section
+    assert "| sft → dpo | origin | looping | 40 | +0.025 | 0.025 | within noise |" in section
 
 
 def test_delta_table_compares_each_column_with_the_one_before():

@@ -7,6 +7,7 @@ characters (as in CMRC / DuReader), not over whitespace tokens.
 from __future__ import annotations
 
 import collections
+import math
 import re
 import unicodedata
 
@@ -198,3 +199,14 @@ def loop_unit(text: str | None) -> str | None:
 def looping_share(answers: list[str]) -> float | None:
     """Share of the answers that loop (loop_unit); None for no answers."""
     return sum(loop_unit(a) is not None for a in answers) / len(answers) if answers else None
+
+
+def paired_difference(before: list[float], after: list[float]) -> tuple[float, float]:
+    """The mean of after − before over paired items, and its standard error (the spread of the
+    per-item differences / √n): two models scored on the same items differ by chance by about
+    that much, far less than two independent samples would."""
+    diffs = [a - b for b, a in zip(before, after, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)

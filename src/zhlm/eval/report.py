@@ -2,11 +2,12 @@
 and the run's headline numbers as one flat dict (summary.json), which runs compare by."""
 from __future__ import annotations
 
+import collections
 import os
 import re
 from pathlib import Path
 
-from zhlm.eval.metrics import LOOP_MAX_PERIOD, LOOP_MIN_CHARS, LOOP_MIN_REPEATS
+from zhlm.eval.metrics import LOOP_MAX_PERIOD, LOOP_MIN_CHARS, LOOP_MIN_REPEATS, loop_unit, paired_difference
 from zhlm.io import atomic_path
 
 # The headline metrics of each task, in the order they are shown.
@@ -187,6 +188,35 @@ def _looping_section(results: dict) -> list[str]:
             *delta_table(columns, "answers")]
 
 
+def _noise_section(results: dict) -> list[str]:
+    """Each stage's task answers against the previous stage's on the same held-out items: the mean
+    change of the per-item score and of looping, with its paired standard error."""
+    stages = [s for s, r in results.items() if r.get("task_answers")]
+    rows = []
+    for before, after in zip(stages, stages[1:]):
+        old = {a["id"]: a for a in results[before]["task_answers"]}
+        pairs = collections.defaultdict(list)
+        for a in results[after]["task_answers"]:
+            if a["id"] in old and a["task"] == old[a["id"]]["task"]:
+                pairs[a["task"]].append((old[a["id"]], a))
+        for task in _by_task_order(pairs):
+            items = pairs[task]
+            for measure, value in (("score", lambda a: a["score"]),
+                                   ("looping", lambda a: float(loop_unit(a["answer"]) is not None))):
+                mean, se = paired_difference([value(b) for b, _ in items], [value(a) for _, a in items])
+                verdict = "beyond noise" if abs(mean) > 2 * se else "within noise"
+                rows.append([f"{before} → {after}", task, measure, len(items), _delta(0.0, mean), se, verdict])
+    if not rows:
+        return []
+    return ["## Changes beyond noise?", "",
+            "Each stage against the previous one on the same held-out items: the mean change of the per-item "
+            "score (right or wrong for pinyin and polarity, the sentence's word F1 for segmentation, the "
+            "entity F1 for entities, character F1 for the free-text tasks) and of the share of looping "
+            "answers, with the paired standard error (SE) of that mean. A change larger than 2 SE is beyond "
+            "the noise of this many items.", "",
+            *_table(["stages", "task", "per item", "n", "mean Δ", "SE", "verdict"], rows)]
+
+
 def _preference_section(results: dict) -> list[str]:
     rows = [[s, r["preference"].get("n"), r["preference"].get("accuracy"), r["preference"].get("mean_margin")]
             for s, r in results.items() if r.get("preference")]
@@ -307,8 +337,8 @@ def _entities_section(result: dict) -> list[str]:
 def _result_sections(results: dict[str, dict]) -> list[str]:
     """The sections of evaluate_model's results, one column per stage."""
     lines = []
-    for section in (_stages_section, _bpc_section, _task_section, _looping_section, _preference_section,
-                    _choice_section, _samples_section):
+    for section in (_stages_section, _bpc_section, _task_section, _noise_section, _looping_section,
+                    _preference_section, _choice_section, _samples_section):
         lines += section(results)
     return lines
 
