@@ -20,5 +20,6 @@ from zhlm.eval.tasks import evaluate_tasks, task_of
 __all__ = [
     "evaluate_bpc", "unigram_bpc", "choice_accuracy", "read_choice_csv", "char_f1", "exact_match", "loop_unit",
     "looping_share", "normalize_answer", "paired_difference", "polarity_label", "segmentation_f1",
-    "implicit_reward_accuracy", "preference_accuracy", "summary", "write_report", "evaluate_model", "evaluate_tasks", "task_of",
+    "implicit_reward_accuracy", "preference_accuracy", "summary", "write_report", "evaluate_model", "evaluate_tasks",
+    "task_of",
 ]
