@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from zhlm.eval.report import paired_changes
 from zhlm.eval.run import evaluate_model
 from zhlm.io import read_parquets, write_parquet
 from zhlm.tokenizer.conversations import tokenize_dpo
@@ -49,6 +50,7 @@ SFT_VARIANTS = {
 DPO_VARIANTS = {
     "config": {},
     "sft_weight=0": {"sft_weight": 0.0},
+    "sft_weight=3": {"sft_weight": 3.0},
     "beta=0.3": {"beta": 0.3},
     "lr=1e-4": {"lr": 1e-4},
     "steps=200": {"steps": 200},
@@ -80,6 +82,16 @@ def score(model_dir, stage, results: Path, config, device, reference_dir=None, d
         row["looping"] = result["looping"]["all"]["share"]
     if "implicit_reward" in result:
         row["implicit_reward.accuracy"] = result["implicit_reward"]["accuracy"]
+    return row | {"answers": result.get("task_answers", [])}
+
+
+def noted(row: dict, base: dict | None) -> dict:
+    """The row, printed without its answers, with the task changes beyond noise against the base
+    row's answers on the same items (zhlm.eval.report.paired_changes)."""
+    if base is not None:
+        row["beyond_noise"] = "; ".join(f"{c['task']} {c['measure']} {c['mean_change']:+.3f} (SE {c['se']:.3f})"
+                                        for c in paired_changes(base["answers"], row["answers"]) if c["beyond_noise"])
+    print(json.dumps({k: v for k, v in row.items() if k != "answers"}, ensure_ascii=False), flush=True)
     return row
 
 
@@ -90,17 +102,15 @@ def run_sft(args, config, results: Path, tmp: Path) -> list[dict]:
         pretrain.run(results / "tokens", results / "tokenizer", base, tmp / "ckpt",
                      model_settings=config["model"], progress=False,
                      settings=config["pretrain"] | {"device": args.device} | json.loads(args.pretrain_overrides))
-    rows = [{"variant": "pretrained", "train_s": time.perf_counter() - t0,
-             **score(base, "pretrain", results, config, args.device)}]
-    print(json.dumps(rows[-1]), flush=True)
+    rows = [noted({"variant": "pretrained", "train_s": time.perf_counter() - t0,
+                   **score(base, "pretrain", results, config, args.device)}, None)]
     for name in (args.variants or ",".join(SFT_VARIANTS)).split(","):
         t0 = time.perf_counter()
         sft.run(base, results / "tokenizer", results / "tokens/sft", tmp / name, tmp / "ckpt",
                 settings=config["sft"] | {"device": args.device} | SFT_VARIANTS[name],
                 pretrain_tokens_dir=results / "tokens", progress=False)
-        rows.append({"variant": name, "train_s": time.perf_counter() - t0,
-                     **score(tmp / name, "sft", results, config, args.device)})
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(noted({"variant": name, "train_s": time.perf_counter() - t0,  # against the first variant
+                           **score(tmp / name, "sft", results, config, args.device)}, rows[1] if rows[1:] else None))
         if args.keep:
             shutil.copytree(tmp / name, Path(args.keep) / name.replace(" ", "_"),
                             ignore=shutil.ignore_patterns("_ckpt"), dirs_exist_ok=True)
@@ -110,7 +120,10 @@ def run_sft(args, config, results: Path, tmp: Path) -> list[dict]:
 def make_pairs(sft_dir: Path, results: Path, config, overrides: dict, device, out: Path) -> tuple[Path, Path]:
     """New rollouts of the SFT model with the config's rollout settings plus overrides, and their
     token files; returns (pairs file, token folder)."""
-    pairs, stats = rollouts.run(sft_dir, sorted(results.glob("split/sft/*/*/dpo_prompts.parquet")),
+    sources = config["rollouts"].get("sources") or None  # none: every sft source
+    prompts = [path for path in sorted(results.glob("split/sft/*/*/dpo_prompts.parquet"))
+               if sources is None or path.parts[-3] in sources]
+    pairs, stats = rollouts.run(sft_dir, prompts,
                                 settings=config["rollouts"] | {"device": device} | overrides, progress=False)
     print(json.dumps({"rollouts": overrides, **stats}), flush=True)
     write_parquet(pairs, out / "pairs.parquet")
@@ -120,8 +133,7 @@ def make_pairs(sft_dir: Path, results: Path, config, overrides: dict, device, ou
 
 def run_dpo(args, config, results: Path, tmp: Path) -> list[dict]:
     sft_dir = Path(args.sft or results / "sft")
-    rows = [{"variant": "sft", "train_s": 0.0, **score(sft_dir, "sft", results, config, args.device)}]
-    print(json.dumps(rows[-1]), flush=True)
+    rows = [noted({"variant": "sft", "train_s": 0.0, **score(sft_dir, "sft", results, config, args.device)}, None)]
     made: dict[str, tuple[Path, Path]] = {}  # rollout overrides -> (pairs, tokens), made once
     for name in (args.variants or ",".join(DPO_VARIANTS)).split(","):
         overrides = dict(DPO_VARIANTS[name])
@@ -133,9 +145,9 @@ def run_dpo(args, config, results: Path, tmp: Path) -> list[dict]:
         settings = config["dpo"] | {"device": args.device} | overrides
         t0 = time.perf_counter()
         dpo.run(sft_dir, results / "tokenizer", tokens, tmp / name, tmp / "ckpt", settings=settings, progress=False)
-        rows.append({"variant": name, "train_s": time.perf_counter() - t0,
-                     **score(tmp / name, "dpo", results, config, args.device, sft_dir, settings, pairs_file)})
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(noted({"variant": name, "train_s": time.perf_counter() - t0,
+                           **score(tmp / name, "dpo", results, config, args.device, sft_dir, settings, pairs_file)},
+                          rows[0]))
     return rows
 
 
@@ -160,8 +172,12 @@ def main():
     for r in rows:
         cells = " | ".join("-" if r.get(k) is None else f"{r[k]:.3f}" for k in keys)
         print(f"| {r['variant']} | {r['train_s']:.0f} | {cells} |")
+        if r.get("beyond_noise") is not None:
+            print(f"|   beyond noise against {rows[0 if args.stage == 'dpo' else 1]['variant']}: "
+                  f"{r['beyond_noise'] or 'nothing'} |")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k != "answers"} for r in rows],
+                                             indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -188,24 +188,33 @@ def _looping_section(results: dict) -> list[str]:
             *delta_table(columns, "answers")]
 
 
-def _noise_section(results: dict) -> list[str]:
-    """Each stage's task answers against the previous stage's on the same held-out items: the mean
-    change of the per-item score and of looping, with its paired standard error."""
-    stages = [s for s, r in results.items() if r.get("task_answers")]
+def paired_changes(before: list[dict], after: list[dict]) -> list[dict]:
+    """Task answers of two models on the same held-out items (evaluate_tasks' answers, matched by
+    id): per task, the mean change of the per-item score and of looping, its paired standard
+    error, and whether it is beyond noise (more than 2 SE)."""
+    old = {a["id"]: a for a in before}
+    pairs = collections.defaultdict(list)
+    for a in after:
+        if a["id"] in old and a["task"] == old[a["id"]]["task"]:
+            pairs[a["task"]].append((old[a["id"]], a))
     rows = []
-    for before, after in zip(stages, stages[1:]):
-        old = {a["id"]: a for a in results[before]["task_answers"]}
-        pairs = collections.defaultdict(list)
-        for a in results[after]["task_answers"]:
-            if a["id"] in old and a["task"] == old[a["id"]]["task"]:
-                pairs[a["task"]].append((old[a["id"]], a))
-        for task in _by_task_order(pairs):
-            items = pairs[task]
-            for measure, value in (("score", lambda a: a["score"]),
-                                   ("looping", lambda a: float(loop_unit(a["answer"]) is not None))):
-                mean, se = paired_difference([value(b) for b, _ in items], [value(a) for _, a in items])
-                verdict = "beyond noise" if abs(mean) > 2 * se else "within noise"
-                rows.append([f"{before} → {after}", task, measure, len(items), _delta(0.0, mean), se, verdict])
+    for task in _by_task_order(pairs):
+        items = pairs[task]
+        for measure, value in (("score", lambda a: a["score"]),
+                               ("looping", lambda a: float(loop_unit(a["answer"]) is not None))):
+            mean, se = paired_difference([value(b) for b, _ in items], [value(a) for _, a in items])
+            rows.append({"task": task, "measure": measure, "n": len(items), "mean_change": mean, "se": se,
+                         "beyond_noise": abs(mean) > 2 * se})
+    return rows
+
+
+def _noise_section(results: dict) -> list[str]:
+    """Each stage's task answers against the previous stage's on the same held-out items."""
+    stages = [s for s, r in results.items() if r.get("task_answers")]
+    rows = [[f"{before} → {after}", c["task"], c["measure"], c["n"], _delta(0.0, c["mean_change"]), c["se"],
+             "beyond noise" if c["beyond_noise"] else "within noise"]
+            for before, after in zip(stages, stages[1:])
+            for c in paired_changes(results[before]["task_answers"], results[after]["task_answers"])]
     if not rows:
         return []
     return ["## Changes beyond noise?", "",
