@@ -51,6 +51,8 @@ DPO_VARIANTS = {
     "config": {},
     "sft_weight=0": {"sft_weight": 0.0},
     "sft_weight=3": {"sft_weight": 3.0},
+    "sft_weight=5": {"sft_weight": 5.0},
+    "sft_weight=3 steps=200": {"sft_weight": 3.0, "steps": 200},
     "beta=0.3": {"beta": 0.3},
     "lr=1e-4": {"lr": 1e-4},
     "steps=200": {"steps": 200},
