@@ -65,7 +65,7 @@ def split_files(kind, name):
 def rollout_prompt_files():
     """The dpo_prompts split of rollouts.sources, or of every sft source."""
     chosen = config["rollouts"]["sources"] or sources_of("sft")
-    return [f"results/split/sft/{s}/{i}/dpo_prompts.parquet" for s, i in shards_of("sft") if s in chosen]
+    return [path for path, (source, _) in zip(split_files("sft", "dpo_prompts"), shards_of("sft")) if source in chosen]
 
 
 def tokenizer_training_text():

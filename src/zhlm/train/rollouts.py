@@ -33,8 +33,7 @@ from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
 class RolloutConfig:
     """The schema's `rollouts` settings, with its defaults (a test holds the two together)."""
     max_prompts: int = 2000          # DPO prompts answered: a sample by a hash of their ids (sample_prompts)
-    sources: list[str] = dataclasses.field(default_factory=list)  # the sft sources whose prompts the workflow
-                                                                   # passes (none: every sft source)
+    sources: list[str] = dataclasses.field(default_factory=list)  # whose prompts the workflow passes (none: all)
     batch_size: int = 32
     temperature: float = 0.8
     top_p: float = 0.95
