@@ -31,7 +31,10 @@ def init() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done: a rank that tears gloo down while another
+    still talks to it can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
