@@ -122,10 +122,7 @@ def run_sft(args, config, results: Path, tmp: Path) -> list[dict]:
 def make_pairs(sft_dir: Path, results: Path, config, overrides: dict, device, out: Path) -> tuple[Path, Path]:
     """New rollouts of the SFT model with the config's rollout settings plus overrides, and their
     token files; returns (pairs file, token folder)."""
-    sources = config["rollouts"].get("sources") or None  # none: every sft source
-    prompts = [path for path in sorted(results.glob("split/sft/*/*/dpo_prompts.parquet"))
-               if sources is None or path.parts[-3] in sources]
-    pairs, stats = rollouts.run(sft_dir, prompts,
+    pairs, stats = rollouts.run(sft_dir, sorted(results.glob("split/sft/*/*/dpo_prompts.parquet")),
                                 settings=config["rollouts"] | {"device": device} | overrides, progress=False)
     print(json.dumps({"rollouts": overrides, **stats}), flush=True)
     write_parquet(pairs, out / "pairs.parquet")

@@ -71,3 +71,4 @@ def test_the_prompt_sample_takes_every_source_in_its_share_whatever_the_files(tm
     smaller = {r["id"] for r in rollouts.sample_prompts(one_file_each, 60)}
     assert smaller < {r["id"] for r in sample}  # a larger sample holds a smaller one
     assert len(rollouts.sample_prompts(one_file_each, 5000)) == 900
+    assert {r["source"] for r in rollouts.sample_prompts(one_file_each, 5000, ["b"])} == {"b"}

@@ -33,7 +33,7 @@ from zhlm.tokenizer.chat import chat_stop_ids, encode_prompt, messages_of
 class RolloutConfig:
     """The schema's `rollouts` settings, with its defaults (a test holds the two together)."""
     max_prompts: int = 2000          # DPO prompts answered: a sample by a hash of their ids (sample_prompts)
-    sources: list[str] = dataclasses.field(default_factory=list)  # whose prompts the workflow passes (none: all)
+    sources: list[str] = dataclasses.field(default_factory=list)  # the sft sources answered (none: all)
     batch_size: int = 32
     temperature: float = 0.8
     top_p: float = 0.95
@@ -55,12 +55,14 @@ def prompt_rank(row_id: str) -> bytes:
     return hashlib.blake2b(f"prompt:{row_id}".encode(), digest_size=8).digest()
 
 
-def sample_prompts(prompt_files, max_prompts: int) -> list[dict]:
-    """The max_prompts rows of prompt_files (parquet paths) lowest by prompt_rank, in id order.
+def sample_prompts(prompt_files, max_prompts: int, sources=()) -> list[dict]:
+    """The max_prompts rows of prompt_files (parquet paths) lowest by prompt_rank, in id order,
+    of the rows of `sources` (none: all).
 
     Only the ids of all the prompts are held at once; the rows are read one file at a time."""
     paths = as_paths(prompt_files)
-    ids = [i for path in paths for i in pq.read_table(path, columns=["id"]).column("id").to_pylist()]
+    ids = [row["id"] for path in paths for row in pq.read_table(path, columns=["id", "source"]).to_pylist()
+           if not sources or row["source"] in sources]
     chosen = pa.array(sorted(ids, key=prompt_rank)[:max_prompts])
     rows = [row for path in paths for row in pq.read_table(path, filters=pc.field("id").isin(chosen)).to_pylist()]
     return sorted(rows, key=lambda row: row["id"])
@@ -124,7 +126,7 @@ def run(model_dir, prompt_files, *, settings: dict, progress: bool = True) -> tu
     (a parquet path or a list; sample_prompts); settings: RolloutConfig."""
     cfg = RolloutConfig(**settings)
     lm = load(model_dir, cfg.device)
-    rows = sample_prompts(prompt_files, cfg.max_prompts)
+    rows = sample_prompts(prompt_files, cfg.max_prompts, cfg.sources)
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     return rollout(lm.model, lm.tokenizer, rows, sampling, batch_size=cfg.batch_size, seed=cfg.seed,
                    max_similarity=cfg.max_similarity, eval_fraction=cfg.eval_fraction,
