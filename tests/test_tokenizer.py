@@ -20,7 +20,13 @@ from zhlm.tokenizer.bpe import (
     save_tokenizer,
     train_bpe,
 )
-from zhlm.tokenizer.word_counts import count_words, iter_parquet_texts, load_word_counts, save_word_counts
+from zhlm.tokenizer.word_counts import (
+    count_words,
+    iter_parquet_texts,
+    jieba_words,
+    load_word_counts,
+    save_word_counts,
+)
 
 VOCAB_SIZE = 700
 
@@ -104,6 +110,25 @@ SPECIAL_CASES = [
 def test_parallel_count_equals_serial(corpus, counts):
     assert count_words(corpus, processes=2, chunk_size=37) == counts
     assert counts["我"] > 0 and " " in counts  # jieba keeps whitespace as words
+
+
+def test_latin_words_are_whole():
+    # jieba alone cuts pinyin at its accented letters: "sh", "à", "ng".
+    assert jieba_words("不上不下读作 bù shàng bù xià。") == ["不上不下", "读作", " bù", " shàng", " bù", " xià", "。"]
+    assert jieba_words("（lǜ）ça va") == ["（", "lǜ", "）", "ça", " va"]
+    assert jieba_words("iPhone12 好  OK") == ["iPhone12", " ", "好", " ", " OK"]
+    for text in SPECIAL_CASES + fuzz_strings(300):
+        assert "".join(jieba_words(text)) == text  # nothing lost or added
+
+
+def test_pinyin_syllables_become_tokens():
+    # Frequent syllables are learned as tokens, spaces and all, as encoding splits them.
+    syllables = ["bù", "shàng", "xià", "zhōng", "guó", "lǜ"]
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(syllables) for _ in range(4)) for _ in range(200)]
+    tok, _ = build_from_counts(count_words(texts), 400)
+    assert len(tok.encode("bù shàng bù xià").ids) == 4
+    assert tok.decode(tok.encode("zhōng guó lǜ").ids) == "zhōng guó lǜ"
 
 
 def test_count_accepts_generator(corpus, counts):

@@ -12,6 +12,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
@@ -36,12 +37,34 @@ def init_jieba():
     return _jieba
 
 
+# A word in Latin letters, accented ones included (pinyin, French, Vietnamese).
+LATIN_WORD = re.compile(r"[A-Za-z\u00C0-\u024F\u1E00-\u1EFF]+")
+
+
+def jieba_words(text: str) -> list[str]:
+    """jieba's words (`jieba.lcut`, HMM on), with Latin-script words made whole again.
+
+    jieba keeps only ASCII letters together, so pinyin comes out in pieces ("shàng" as "sh",
+    "à", "ng") and BPE, which merges inside words only, could never learn a syllable. Those
+    pieces are joined, and a Latin word takes the one space before it, as the tokenizer's
+    split does when it encodes ("bù shàng" is "bù", " shàng": tokens bù, Ġshàng).
+    """
+    words: list[str] = []
+    for word in init_jieba().lcut(text):
+        if words and LATIN_WORD.fullmatch(word):
+            last = words[-1]
+            if LATIN_WORD.fullmatch(last.removeprefix(" ")) or last == " ":
+                words[-1] = last + word
+                continue
+        words.append(word)
+    return words
+
+
 def _count_chunk(texts: Sequence[str]) -> collections.Counter:
-    jieba = init_jieba()
     counts: collections.Counter = collections.Counter()
     for text in texts:
         if text:
-            counts.update(jieba.lcut(text))
+            counts.update(jieba_words(text))
     return counts
 
 
@@ -67,7 +90,7 @@ def count_words(
     max_words: int = 200_000,
     chunk_size: int = 1000,
 ) -> dict[str, int]:
-    """Count jieba words (`jieba.lcut`, HMM on) over `texts`, which may be a generator.
+    """Count jieba words (`jieba_words`) over `texts`, which may be a generator.
 
     Returns at most `max_words` words. Memory does not grow with the corpus: whenever
     the table exceeds 2 * max_words entries it is pruned to the max_words most frequent.
