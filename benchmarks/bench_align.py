@@ -55,11 +55,21 @@ DPO_VARIANTS = {
     "sft_weight=3 steps=200": {"sft_weight": 3.0, "steps": 200},
     "beta=0.3": {"beta": 0.3},
     "lr=1e-4": {"lr": 1e-4},
+    "lr=2.5e-5": {"lr": 2.5e-5},
+    "anchor_weight=1": {"anchor_weight": 1.0},
+    "anchor_weight=3": {"anchor_weight": 3.0},
+    "anchor_weight=1 steps=50": {"anchor_weight": 1.0, "steps": 50},
+    "steps=50": {"steps": 50},
     "steps=200": {"steps": 200},
     "greedy rollouts": {"rollouts": {"temperature": 0.0}},
     "greedy rollouts lr=1e-4": {"lr": 1e-4, "rollouts": {"temperature": 0.0}},
     "greedy rollouts steps=200": {"steps": 200, "rollouts": {"temperature": 0.0}},
     "greedy rollouts beta=0.3": {"beta": 0.3, "rollouts": {"temperature": 0.0}},
+    "3000 prompts steps=300": {"steps": 300, "rollouts": {"max_prompts": 3000}},
+    "3000 prompts steps=300 lr=1e-4": {"steps": 300, "lr": 1e-4, "rollouts": {"max_prompts": 3000}},
+    "segmentation prompts too": {"rollouts": {"sources": ["demo_idiom_tasks", "demo_segmentation"]}},
+    "segmentation prompts too, 3000 steps=300": {
+        "steps": 300, "rollouts": {"max_prompts": 3000, "sources": ["demo_idiom_tasks", "demo_segmentation"]}},
 }
 HEADLINE = (("polarity", "accuracy"), ("segmentation", "f1"), ("pinyin", "exact_match"), ("meaning", "char_f1"),
             ("origin", "char_f1"), ("example", "char_f1"))
@@ -143,7 +153,8 @@ def run_dpo(args, config, results: Path, tmp: Path) -> list[dict]:
         pairs_file, tokens = made[key]
         settings = config["dpo"] | {"device": args.device} | overrides
         t0 = time.perf_counter()
-        dpo.run(sft_dir, results / "tokenizer", tokens, tmp / name, tmp / "ckpt", settings=settings, progress=False)
+        dpo.run(sft_dir, results / "tokenizer", tokens, tmp / name, tmp / "ckpt", settings=settings,
+                sft_tokens_dir=results / "tokens/sft", progress=False)
         rows.append(noted({"variant": name, "train_s": time.perf_counter() - t0,
                            **score(tmp / name, "dpo", results, config, args.device, sft_dir, settings, pairs_file)},
                           rows[0]))

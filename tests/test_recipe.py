@@ -100,6 +100,32 @@ def test_dpo_with_sft_weight_adds_the_chosen_answers_mean_token_nll():
     assert metrics["chosen_nll"] == pytest.approx(nll.sum().item(), rel=1e-5)
 
 
+def test_dpo_anchor_weight_adds_each_anchor_conversations_mean_token_nll():
+    from zhlm.lm import pad_batch, token_nll
+    from zhlm.train.dpo import Pairs, WithAnchors, collate_pairs, make_dpo_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    chosen = (np.array([1, 2, 3, 4, 5]), np.array([IGNORE, IGNORE, 3, 4, 5]))
+    rejected = (np.array([1, 2, 6, 7]), np.array([IGNORE, IGNORE, 6, 7]))
+    anchors = [(np.array([1, 8, 9]), np.array([IGNORE, 8, 9])),
+               (np.array([1, 2, 3, 10]), np.array([IGNORE] * 3 + [10]))]
+    pairs = Pairs([chosen, rejected], [rejected, chosen], np.array([[-5.0, -4.0], [-4.0, -5.0]]))
+    items = WithAnchors(pairs, anchors, seed=0)
+    assert sorted(int(i) for i in items.choice) == [0, 1]  # each anchor once while there are enough
+    batch = collate_pairs([items[0], items[1]], pad_id=0)
+    plain, _ = make_dpo_loss(0.1)(model, {k: v for k, v in batch.items() if not k.startswith("anchor")})
+    anchored, metrics = make_dpo_loss(0.1, anchor_weight=2.0)(model, batch)
+    padded = pad_batch([anchors[int(i)] for i in items.choice], 0)
+    counts = (padded["labels"] != IGNORE).sum(-1)
+    nll = (token_nll(model(padded["input_ids"]), padded["labels"]).sum(-1) / counts).sum()
+    assert anchored.item() == pytest.approx(plain.item() + 2.0 * nll.item(), rel=1e-5)
+    assert metrics["anchor_nll"] == pytest.approx(nll.item(), rel=1e-5)
+    # More pairs than anchors: every anchor is used before any repeats.
+    many = WithAnchors(Pairs([chosen] * 5, [rejected] * 5), anchors, seed=0)
+    assert sorted(int(i) for i in many.choice[:4]) == [0, 0, 1, 1]
+
+
 def test_batches_grouped_by_length_pad_less_and_still_see_every_example_once_per_epoch():
     from zhlm.train.batches import Examples
 

@@ -4,6 +4,7 @@ One source is served over HTTP from 127.0.0.1 with a pinned sha256; it plants
 exact and near duplicates of real text and malformed rows, so dedup and the
 rejects files are checked end to end.
 """
+import csv
 import functools
 import hashlib
 import http.server
@@ -525,6 +526,16 @@ def test_eval_scores_every_stage_and_writes_the_report(dag):
     assert summary["pretrain.bpc"] == stats(results / "pretrain.json")["bpc"]["bpc"]
     assert "dpo.implicit_reward.accuracy" in summary and "dpo.looping" in summary
     assert summary["retrieval.recall@1"] == stats(results / "retrieval.json")["recall@1"]
+
+
+def test_dpo_anchors_its_pairs_with_the_sft_stages_conversations(dag):
+    """anchor_weight (tiny.yaml): DPO read the sft stage's token files and logged the anchors' NLL."""
+    workdir, _, _ = dag
+    results = workdir / "results"
+    assert "anchored by one of the sft stage's" in (results / "logs/dpo.log").read_text()
+    with open(results / "dpo/train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(float(r["anchor_nll"]) > 0 for r in rows)
 
 
 def test_the_finetune_trains_the_dpo_model_on_its_own_sources_and_scores_before_and_after(dag):

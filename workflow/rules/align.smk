@@ -3,6 +3,7 @@
 # merges into the stage's model folder.
 # Training commands exec and tee ignores SIGTERM, as in pretrain.smk.
 
+import shlex
 
 rule sft:
     input:
@@ -88,6 +89,8 @@ rule dpo:
         sft=model_folder("sft"),
         tokenizer=tokenizer_files(),
         tokens=rules.tokenize_dpo.output,
+        # The sft stage's conversations that anchor_weight trains on beside the pairs.
+        sft_tokens=rules.tokenize_sft.output if config["dpo"]["anchor_weight"] else [],
     output:
         folder=trained_files("dpo"),
         plot=report(f"{trained_dir('dpo')}/loss.png", category="Training", caption="../report/loss.rst"),
@@ -97,6 +100,8 @@ rule dpo:
         sft=lambda w, input: folder(input.sft),
         tokenizer=lambda w, input: folder(input.tokenizer),
         tokens=lambda w, input: folder(input.tokens),
+        # The option whole or not at all: an empty argument does not survive the launcher.
+        anchors=lambda w, input: f"--sft-tokens {shlex.quote(folder(input.sft_tokens))}" if input.sft_tokens else "",
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
     threads: workflow.cores
@@ -111,7 +116,7 @@ rule dpo:
     shell:
         'exec "$ZHLM_PYTHON" -m zhlm.train.launch {params.launch} "$ZHLM_SCRIPTS/dpo.py"'
         " --sft {params.sft:q} --tokenizer {params.tokenizer:q}"
-        " --tokens {params.tokens:q} --out {params.out:q} --ckpt {params.ckpt:q}"
+        " --tokens {params.tokens:q} {params.anchors} --out {params.out:q} --ckpt {params.ckpt:q}"
         " --settings {params.settings:q}"
         " 2> >(trap '' TERM INT; exec tee {log} >&2)"
 

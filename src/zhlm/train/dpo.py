@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from zhlm.io import read_json
 from zhlm.lm import IGNORE, check_context, pad_batch, sequence_logp
 from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import chat_stop_ids
@@ -17,18 +18,25 @@ from zhlm.train import distributed
 from zhlm.train.batches import Examples
 from zhlm.train.loop import finish, start, train
 from zhlm.train.lora import add_adapter, save_adapter
+from zhlm.train.sft import sft_loss
 
 log = logging.getLogger("zhlm.dpo")
 
 
 def collate_pairs(pairs, pad_id: int) -> dict[str, torch.Tensor]:
-    """pairs: (chosen (ids, labels), rejected (ids, labels), ref_chosen, ref_rejected)."""
+    """pairs: (chosen (ids, labels), rejected (ids, labels), ref_chosen, ref_rejected[, anchor (ids, labels)]).
+
+    An anchor (WithAnchors) becomes row i of anchor_ids and anchor_labels, beside its pair's row."""
     chosen = pad_batch([p[0] for p in pairs], pad_id)
     rejected = pad_batch([p[1] for p in pairs], pad_id)
-    return {"chosen_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
-            "rejected_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
-            "ref_chosen": torch.tensor([p[2] for p in pairs], dtype=torch.float64),
-            "ref_rejected": torch.tensor([p[3] for p in pairs], dtype=torch.float64)}
+    batch = {"chosen_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
+             "rejected_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
+             "ref_chosen": torch.tensor([p[2] for p in pairs], dtype=torch.float64),
+             "ref_rejected": torch.tensor([p[3] for p in pairs], dtype=torch.float64)}
+    if len(pairs[0]) == 5:
+        anchors = pad_batch([p[4] for p in pairs], pad_id)
+        batch |= {"anchor_ids": anchors["input_ids"], "anchor_labels": anchors["labels"]}
+    return batch
 
 
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
@@ -37,12 +45,14 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
     return -F.logsigmoid(margin), margin
 
 
-def make_dpo_loss(beta: float, sft_weight: float = 0.0):
+def make_dpo_loss(beta: float, sft_weight: float = 0.0, anchor_weight: float = 0.0):
     """The DPO loss summed over the batch's pairs (the unit the pairs' batch source counts).
 
     sft_weight > 0 adds that weight times the chosen answer's mean per-token negative
     log-likelihood (RPO): DPO alone can lower the chosen answer's likelihood along with the
     rejected one's, which a small model pays for in degenerate, looping answers.
+    anchor_weight > 0 adds that weight times the mean per-token NLL of each pair's anchor, one of
+    the sft stage's conversations (WithAnchors): the pairs cover some tasks, and the others drift.
     """
     def loss_fn(model, batch):
         chosen = sequence_logp(model, batch["chosen_ids"], batch["chosen_labels"])        # (B,)
@@ -55,6 +65,10 @@ def make_dpo_loss(beta: float, sft_weight: float = 0.0):
             chosen_nll = -chosen / (batch["chosen_labels"] != IGNORE).sum(-1).clamp(min=1)  # (B,) per token
             losses = losses + sft_weight * chosen_nll
             metrics["chosen_nll"] = float(chosen_nll.detach().sum())
+        if anchor_weight:
+            anchor_nll, _ = sft_loss(model, {"input_ids": batch["anchor_ids"], "labels": batch["anchor_labels"]})
+            metrics["anchor_nll"] = float(anchor_nll.detach())
+            return losses.sum() + anchor_weight * anchor_nll, metrics
         return losses.sum(), metrics
     return loss_fn
 
@@ -83,6 +97,26 @@ class Pairs:
     def mean_length(self) -> float:
         """Mean tokens predicted per pair (chosen and rejected together)."""
         return float(np.mean(self.chosen.lengths() + self.rejected.lengths() - 2)) if len(self) else 0.0
+
+
+class WithAnchors:
+    """Pairs, each with an anchor: one of `conversations` (the sft stage's), a seeded random choice
+    without repeats while there are enough. Item i is the pair's item followed by (ids, labels)."""
+
+    def __init__(self, pairs: Pairs, conversations, seed: int):
+        self.pairs, self.conversations = pairs, conversations
+        rng = np.random.default_rng([seed, 2])
+        self.choice = np.concatenate([rng.permutation(len(conversations))
+                                      for _ in range(-(-len(pairs) // len(conversations)))])[:len(pairs)]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (*self.pairs[i], self.conversations[int(self.choice[i])])
+
+    def lengths(self) -> np.ndarray:
+        return self.pairs.lengths()
 
 
 def open_pairs(tokens_dir, split: str, max_len: int, dtype: str) -> Pairs:
@@ -131,18 +165,25 @@ def reward_metrics(policy, items, beta: float, pad_id: int, batch_size: int = 16
     return {"val_reward_accuracy": correct / n, "val_reward_margin": margin_sum / n}
 
 
-def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, progress: bool = True
-        ) -> list[dict]:
+def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict, sft_tokens_dir=None,
+        progress: bool = True) -> list[dict]:
     """DPO from the SFT model against itself, frozen, as the reference; write a HF folder to out_dir,
     or with `lora` in the settings the adapter, in peft's format (zhlm.train.lora).
 
     tokens_dir: the pairs' token files (zhlm.tokenizer.conversations.tokenize_dpo); its eval
-    pairs are held out and scored. settings: TrainConfig fields (beta, seq_len, lora).
+    pairs are held out and scored. settings: TrainConfig fields (beta, seq_len, sft_weight,
+    anchor_weight, which needs sft_tokens_dir, the sft stage's token files; lora).
     """
     sft_dir, tokens_dir = Path(sft_dir), Path(tokens_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
+    anchor_files = []
+    if settings.get("anchor_weight"):
+        if sft_tokens_dir is None:
+            raise ValueError("anchor_weight needs the sft stage's token files")
+        check_tokenizer(sft_tokens_dir, tokenizer_file)
+        anchor_files = token_folder_files(sft_tokens_dir)
     cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", tokenizer_file,
-                                                *token_folder_files(tokens_dir)])
+                                                *token_folder_files(tokens_dir), *anchor_files])
     policy = load_model(sft_dir, device)
     # The frozen reference is the SFT model. With LoRA that is the policy before its adapter is
     # added (TRL uses the policy with its adapter disabled): no second copy of the weights.
@@ -160,11 +201,17 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
         add_adapter(policy, cfg.lora)
     log.info("%d training pairs, %d held-out pairs", len(items), len(eval_items))
     mean_len = items.mean_length()
+    if cfg.anchor_weight:
+        anchors, _ = Conversations(sft_tokens_dir, "train", read_json(Path(sft_tokens_dir) / "meta.json")["dtype"]
+                                   ).cut(max_len)
+        items = WithAnchors(items, anchors, cfg.seed)
+        log.info("each pair anchored by one of the sft stage's %d conversations", len(anchors))
+        mean_len += float(np.mean(anchors.lengths() - 1))
     data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
                     count=lambda b: len(b["ref_chosen"]),  # pairs
                     lengths=items.lengths() if cfg.group_by_length else None)
-    history = train(policy, data, make_dpo_loss(beta, cfg.sft_weight), cfg, out_dir=out_dir, ckpt_dir=ckpt_dir,
-                    fingerprint=fingerprint,
+    history = train(policy, data, make_dpo_loss(beta, cfg.sft_weight, cfg.anchor_weight), cfg, out_dir=out_dir,
+                    ckpt_dir=ckpt_dir, fingerprint=fingerprint,
                     evaluate=(lambda m: reward_metrics(m, eval_items, beta, pad)) if len(eval_items) else None,
                     flops_per_item=policy.flops_per_token(int(mean_len / 2)) * mean_len,
                     tokens_per_item=mean_len, progress=progress)
