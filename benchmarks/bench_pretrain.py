@@ -2,11 +2,14 @@
 
     python benchmarks/bench_pretrain.py [--tokens results/tokens] [--config config/config.yaml]
         [--recipes NAME,NAME...] [--device auto] [--dtype fp32] [--out FILE.json]
+    python benchmarks/bench_pretrain.py --model results/pretrain [--tokens results/tokens]
 
 Every run trains on the same token files with the config's pretrain settings (steps, batch,
 sequence length: the same windows in the same order, so the same tokens seen) and the config's
 depth and width, through zhlm's own training loop, and is scored on all of val.bin in windows
 of the training length, as bits per character (which do not depend on the tokenizer).
+
+--model scores a trained model folder the same way (the DAG's pretrain, say) and trains nothing.
 
 The baseline is nanoGPT's GPT-2 model (learned positions, LayerNorm, a GELU MLP four times the
 width, tied embeddings, residual projections initialised at 0.02/sqrt(2·layers)) with its
@@ -30,7 +33,7 @@ import yaml
 
 from zhlm.io import read_json
 from zhlm.lm import bits_per_character, stream_nats
-from zhlm.model import LlamaForCausalLM, ModelConfig
+from zhlm.model import LlamaForCausalLM, ModelConfig, load_model
 from zhlm.train.batches import TokenWindows
 from zhlm.train.loop import TrainConfig, train
 from zhlm.train.pretrain import next_token_loss
@@ -100,7 +103,6 @@ def run(model, settings: dict, tokens_dir: Path, device) -> dict:
     """Train `model` on the token files with these settings; bits per character on all of val.bin."""
     meta = read_json(tokens_dir / "meta.json")
     train_tokens = np.memmap(tokens_dir / "train.bin", dtype=meta["train"]["dtype"], mode="r")
-    val_tokens = np.memmap(tokens_dir / "val.bin", dtype=meta["val"]["dtype"], mode="r")
     cfg = TrainConfig(**settings)
     torch.manual_seed(cfg.seed)
     model = model().to(device)
@@ -111,12 +113,18 @@ def run(model, settings: dict, tokens_dir: Path, device) -> dict:
         train(model, TokenWindows(train_tokens, cfg.seq_len, cfg.global_batch, cfg.seed), next_token_loss, cfg,
               out_dir=Path(tmp), ckpt_dir=Path(tmp) / "_ckpt", progress=False)
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        nats, n = stream_nats(model, val_tokens, cfg.seq_len, batch_size=32)
-    characters = n * meta["val"]["characters"] / meta["val"]["tokens"]
-    return {"bpc": bits_per_character(nats, characters), "train_s": seconds,
+    return {"bpc": val_bpc(model, tokens_dir, cfg.seq_len), "train_s": seconds,
             "tokens_seen": cfg.steps * cfg.global_batch * cfg.seq_len,
             "parameters": sum(p.numel() for p in model.parameters())}
+
+
+@torch.no_grad()
+def val_bpc(model, tokens_dir: Path, seq_len: int) -> float:
+    """Bits per character on all of val.bin, in windows of seq_len tokens."""
+    meta = read_json(tokens_dir / "meta.json")["val"]
+    val_tokens = np.memmap(tokens_dir / "val.bin", dtype=meta["dtype"], mode="r")
+    nats, n = stream_nats(model.eval(), val_tokens, seq_len, batch_size=32)
+    return bits_per_character(nats, n * meta["characters"] / meta["tokens"])
 
 
 def main():
@@ -128,9 +136,14 @@ def main():
     parser.add_argument("--dtype", default="fp32", help="fp32 makes GPU runs comparable with CPU ones")
     parser.add_argument("--steps", type=int, help="override the config's steps (a quick look)")
     parser.add_argument("--out", help="write the results as JSON")
+    parser.add_argument("--model", help="only score this trained model folder on all of val.bin")
     args = parser.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
     tokens_dir = Path(args.tokens)
+    if args.model:
+        bpc = val_bpc(load_model(args.model), tokens_dir, config["pretrain"]["seq_len"])
+        print(f"{args.model}: {bpc:.3f} bits per character on all of val.bin")
+        return
     meta = read_json(tokens_dir / "meta.json")
     vocab = meta["train"]["vocab_size"]
     settings = config["pretrain"] | {"device": args.device, "dtype": args.dtype}
