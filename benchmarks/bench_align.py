@@ -59,6 +59,8 @@ DPO_VARIANTS = {
     "anchor_weight=1": {"anchor_weight": 1.0},
     "anchor_weight=3": {"anchor_weight": 3.0},
     "anchor_weight=1 steps=50": {"anchor_weight": 1.0, "steps": 50},
+    "anchor_weight=3 steps=50": {"anchor_weight": 3.0, "steps": 50},
+    "anchor_weight=3 steps=50 lr=1e-4": {"anchor_weight": 3.0, "steps": 50, "lr": 1e-4},
     "steps=50": {"steps": 50},
     "steps=200": {"steps": 200},
     "greedy rollouts": {"rollouts": {"temperature": 0.0}},

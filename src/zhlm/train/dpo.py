@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from zhlm.io import read_json
 from zhlm.lm import IGNORE, check_context, pad_batch, sequence_logp
 from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import chat_stop_ids
@@ -180,7 +179,7 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
     if settings.get("anchor_weight"):
         if sft_tokens_dir is None:
             raise ValueError("anchor_weight needs the sft stage's token files")
-        check_tokenizer(sft_tokens_dir, tokenizer_file)
+        anchor_dtype = check_tokenizer(sft_tokens_dir, tokenizer_file)["dtype"]
         anchor_files = token_folder_files(sft_tokens_dir)
     cfg, device, fingerprint = start(settings, [sft_dir / "model.safetensors", tokenizer_file,
                                                 *token_folder_files(tokens_dir), *anchor_files])
@@ -202,8 +201,9 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
     log.info("%d training pairs, %d held-out pairs", len(items), len(eval_items))
     mean_len = items.mean_length()
     if cfg.anchor_weight:
-        anchors, _ = Conversations(sft_tokens_dir, "train", read_json(Path(sft_tokens_dir) / "meta.json")["dtype"]
-                                   ).cut(max_len)
+        anchors, _ = Conversations(sft_tokens_dir, "train", anchor_dtype).cut(max_len)
+        if not len(anchors):
+            raise ValueError(f"anchor_weight: {sft_tokens_dir} has no training conversation to anchor the pairs")
         items = WithAnchors(items, anchors, cfg.seed)
         log.info("each pair anchored by one of the sft stage's %d conversations", len(anchors))
         mean_len += float(np.mean(anchors.lengths() - 1))
