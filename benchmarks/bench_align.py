@@ -34,44 +34,33 @@ from zhlm.tokenizer.conversations import tokenize_dpo
 from zhlm.tokenizer.word_counts import iter_parquet_texts
 from zhlm.train import dpo, pretrain, rollouts, sft
 
+# name -> overrides of the config's settings; "config" is the config as it stands.
 SFT_VARIANTS = {
     "config": {},
     "adamw plain": {"optimizer": "adamw", "pretrain_mix": 0.0, "group_by_length": False, "steps": 500},
     "muon_lr=0.0025": {"muon_lr": 0.0025},
     "muon_lr=0.01": {"muon_lr": 0.01},
     "muon_lr=0.02": {"muon_lr": 0.02},
-    "steps=1400": {"steps": 1400},
-    "steps=1400 muon_lr=0.01": {"steps": 1400, "muon_lr": 0.01},
-    "steps=1400 muon_lr=0.02": {"steps": 1400, "muon_lr": 0.02},
-    "steps=1400 muon_lr=0.02 lr=1e-3": {"steps": 1400, "muon_lr": 0.02, "lr": 1e-3},
+    "muon_lr=0.02 lr=1e-3": {"muon_lr": 0.02, "lr": 1e-3},
     "steps=2000": {"steps": 2000},
     "steps=2000 muon_lr=0.02": {"steps": 2000, "muon_lr": 0.02},
 }
 DPO_VARIANTS = {
     "config": {},
+    "anchor_weight=0": {"anchor_weight": 0.0},
+    "anchor_weight=0 sft_weight=1": {"anchor_weight": 0.0, "sft_weight": 1.0},
+    "anchor_weight=0 sft_weight=5": {"anchor_weight": 0.0, "sft_weight": 5.0},
+    "anchor_weight=1": {"anchor_weight": 1.0},
     "sft_weight=0": {"sft_weight": 0.0},
-    "sft_weight=3": {"sft_weight": 3.0},
-    "sft_weight=5": {"sft_weight": 5.0},
-    "sft_weight=3 steps=200": {"sft_weight": 3.0, "steps": 200},
     "beta=0.3": {"beta": 0.3},
     "lr=1e-4": {"lr": 1e-4},
     "lr=2.5e-5": {"lr": 2.5e-5},
-    "anchor_weight=1": {"anchor_weight": 1.0},
-    "anchor_weight=3": {"anchor_weight": 3.0},
-    "anchor_weight=1 steps=50": {"anchor_weight": 1.0, "steps": 50},
-    "anchor_weight=3 steps=50": {"anchor_weight": 3.0, "steps": 50},
-    "anchor_weight=3 steps=50 lr=1e-4": {"anchor_weight": 3.0, "steps": 50, "lr": 1e-4},
     "steps=50": {"steps": 50},
+    "steps=50 lr=1e-4": {"steps": 50, "lr": 1e-4},
     "steps=200": {"steps": 200},
-    "greedy rollouts": {"rollouts": {"temperature": 0.0}},
-    "greedy rollouts lr=1e-4": {"lr": 1e-4, "rollouts": {"temperature": 0.0}},
-    "greedy rollouts steps=200": {"steps": 200, "rollouts": {"temperature": 0.0}},
-    "greedy rollouts beta=0.3": {"beta": 0.3, "rollouts": {"temperature": 0.0}},
+    "sampled rollouts": {"rollouts": {"temperature": 0.8}},
     "3000 prompts steps=300": {"steps": 300, "rollouts": {"max_prompts": 3000}},
-    "3000 prompts steps=300 lr=1e-4": {"steps": 300, "lr": 1e-4, "rollouts": {"max_prompts": 3000}},
     "segmentation prompts too": {"rollouts": {"sources": ["demo_idiom_tasks", "demo_segmentation"]}},
-    "segmentation prompts too, 3000 steps=300": {
-        "steps": 300, "rollouts": {"max_prompts": 3000, "sources": ["demo_idiom_tasks", "demo_segmentation"]}},
 }
 HEADLINE = (("polarity", "accuracy"), ("segmentation", "f1"), ("pinyin", "exact_match"), ("meaning", "char_f1"),
             ("origin", "char_f1"), ("example", "char_f1"))

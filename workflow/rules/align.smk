@@ -3,7 +3,6 @@
 # merges into the stage's model folder.
 # Training commands exec and tee ignores SIGTERM, as in pretrain.smk.
 
-import shlex
 
 rule sft:
     input:
@@ -100,8 +99,7 @@ rule dpo:
         sft=lambda w, input: folder(input.sft),
         tokenizer=lambda w, input: folder(input.tokenizer),
         tokens=lambda w, input: folder(input.tokens),
-        # The option whole or not at all: an empty argument does not survive the launcher.
-        anchors=lambda w, input: f"--sft-tokens {shlex.quote(folder(input.sft_tokens))}" if input.sft_tokens else "",
+        anchors=lambda w, input: folder_options(sft_tokens=input.sft_tokens),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
     threads: workflow.cores

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import sys
 
 from zhlm.config import finetune_settings
@@ -88,6 +89,14 @@ def folder(files):
     folders = {os.path.dirname(f) for f in ([files] if isinstance(files, str) else files)}
     assert len(folders) == 1, f"not one folder: {sorted(folders)}"
     return folders.pop()
+
+
+def folder_options(**files):
+    """`--flag FOLDER` for each flag (underscores as dashes) whose files are given, the folder
+    holding them: an optional input's option whole or not at all, since an empty argument does
+    not survive the launcher."""
+    return " ".join(f"--{flag.replace('_', '-')} {shlex.quote(folder(paths))}" for flag, paths in files.items()
+                    if paths)
 
 
 def conversation_files(folder, *prefixes, by_id=()):

@@ -4,7 +4,6 @@
 # before and after on the finetune's held-out rows (beside jieba's tagger for entities) and on
 # every other eval: what the finetune bought and what it cost.
 # The training command execs and tee ignores SIGTERM, as in pretrain.smk.
-import shlex
 
 
 rule tokenize_finetune:
@@ -43,10 +42,7 @@ rule finetune:
         settings=json.dumps(finetune_settings(config["finetune"])),
         init=lambda w, input: folder(input.init),
         tokens=lambda w, input: folder(input.tokens),
-        # Each option whole or not at all: an empty argument does not survive the launcher.
-        mixed_in=lambda w, input: " ".join(
-            f"--{flag} {shlex.quote(folder(files))}"
-            for flag, files in (("pretrain-tokens", input.pretrain_tokens), ("sft-tokens", input.sft_tokens)) if files),
+        mixed_in=lambda w, input: folder_options(pretrain_tokens=input.pretrain_tokens, sft_tokens=input.sft_tokens),
         out=lambda w, output: folder([*output.folder, output.plot]),
         ckpt=lambda w, output: os.path.join(folder(output.folder), "_ckpt"),
     threads: workflow.cores
