@@ -132,6 +132,8 @@ BROKEN_MORE = {
     "phases in sft": ({"sft": {"phases": [{"steps": 4}]}}, "sft.phases must be null"),
     "sft_mix in sft": ({"sft": {"sft_mix": 0.2}}, "sft.sft_mix must be 0"),
     "anchor_weight in sft": ({"sft": {"anchor_weight": 1.0}}, "sft.anchor_weight must be 0"),
+    "unlikelihood_weight in pretrain": ({"pretrain": {"unlikelihood_weight": 1.0}},
+                                        "pretrain.unlikelihood_weight must be 0"),
     "nothing of the finetune's own left": ({"finetune": {"pretrain_mix": 0.5, "sft_mix": 0.5}},
                                            "finetune.pretrain_mix (0.5) + finetune.sft_mix (0.5) must be below 1"),
     "rollouts of the finetune's source": ({"rollouts": {"sources": ["demo_polarity", "demo_entities"]}},

@@ -126,6 +126,36 @@ def test_dpo_anchor_weight_adds_each_anchor_conversations_mean_token_nll():
     assert sorted(int(i) for i in many.choice[:4]) == [0, 0, 1, 1]
 
 
+def test_repeated_tokens_marks_each_token_that_completes_an_ngram_seen_before_in_its_answer():
+    from zhlm.train.dpo import repeated_tokens
+
+    labels = torch.tensor([[IGNORE, IGNORE, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 5, IGNORE],
+                           [IGNORE, 7, 7, 7, 7, 7, 7, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]])
+    assert repeated_tokens(labels, 4).nonzero().tolist() == [[0, 9], [0, 10], [0, 11], [1, 5], [1, 6]]
+    assert not repeated_tokens(torch.tensor([[IGNORE, 1, 2, 3, 4, 5, 6]]), 4).any()  # no repeat, no mark
+
+
+def test_dpo_unlikelihood_weight_adds_minus_log_one_minus_p_of_the_rejected_answers_repeated_tokens():
+    from zhlm.lm import pad_batch
+    from zhlm.train.dpo import Pairs, collate_pairs, make_dpo_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    chosen = (np.array([1, 2, 3, 4, 5]), np.array([IGNORE, IGNORE, 3, 4, 5]))
+    looping = np.array([1, 2] + [6, 7, 8, 9] * 3)  # from the 4th token of the second turn on, 4-grams repeat
+    rejected = (looping, np.array([IGNORE, IGNORE, *looping[2:]]))
+    pairs = Pairs([chosen, chosen], [rejected, chosen], np.array([[-5.0, -4.0], [-4.0, -5.0]]))
+    batch = collate_pairs([pairs[0], pairs[1]], pad_id=0)
+    plain, _ = make_dpo_loss(0.1)(model, batch)
+    penalised, metrics = make_dpo_loss(0.1, unlikelihood_weight=2.0)(model, batch)
+    padded = pad_batch([rejected], 0)
+    p = torch.softmax(model(padded["input_ids"]).float(), -1)[0].gather(-1, padded["labels"][0].clamp(min=0)[:, None])
+    expected = -torch.log1p(-p[-5:]).mean()  # the looping answer's repeated tokens; the second pair has none
+    assert batch["rejected_repeats"].sum().item() == 5
+    assert penalised.item() == pytest.approx(plain.item() + 2.0 * expected.item(), rel=1e-5)
+    assert metrics["repeat_unlikelihood"] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_batches_grouped_by_length_pad_less_and_still_see_every_example_once_per_epoch():
     from zhlm.train.batches import Examples
 

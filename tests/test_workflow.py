@@ -529,13 +529,14 @@ def test_eval_scores_every_stage_and_writes_the_report(dag):
 
 
 def test_dpo_anchors_its_pairs_with_the_sft_stages_conversations(dag):
-    """anchor_weight (tiny.yaml): DPO read the sft stage's token files and logged the anchors' NLL."""
+    """anchor_weight and unlikelihood_weight (tiny.yaml): DPO read the sft stage's token files and
+    logged the anchors' NLL and the unlikelihood of the rejected answers' repeats."""
     workdir, _, _ = dag
     results = workdir / "results"
     assert "anchored by one of the sft stage's" in (results / "logs/dpo.log").read_text()
     with open(results / "dpo/train_log.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and all(float(r["anchor_nll"]) > 0 for r in rows)
+    assert len(rows) == 3 and all(float(r["anchor_nll"]) > 0 and float(r["repeat_unlikelihood"]) >= 0 for r in rows)
 
 
 def test_the_finetune_trains_the_dpo_model_on_its_own_sources_and_scores_before_and_after(dag):

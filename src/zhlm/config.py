@@ -139,9 +139,9 @@ def stage_errors(stage: str, settings: dict, model: dict) -> list[str]:
     if stage == "pretrain" and settings.get("lora") is not None:
         errors.append("pretrain.lora must be null: LoRA adapts a trained model (sft, dpo), and pretraining "
                       "trains every weight from scratch")
-    if stage != "dpo" and settings.get("anchor_weight"):
-        errors.append(f"{stage}.anchor_weight must be 0: anchoring preference pairs to the sft stage's "
-                      "conversations is DPO's")
+    for key in ("anchor_weight", "unlikelihood_weight"):
+        if stage != "dpo" and settings.get(key):
+            errors.append(f"{stage}.{key} must be 0: it weighs a term of DPO's loss")
     if stage != "finetune" and settings.get("sft_mix"):
         errors.append(f"{stage}.sft_mix must be 0: mixing in the sft stage's conversations is the finetune's")
     if settings.get("pretrain_mix", 0) + settings.get("sft_mix", 0) >= 1:

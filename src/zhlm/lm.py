@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from zhlm.model import ModelConfig
 from zhlm.tokenizer.chat import IGNORE
 
-__all__ = ["IGNORE", "pad_batch", "lm_loss", "count_labels", "sequence_logp", "sequence_scores", "stream_nats",
-           "check_context", "bits_per_character"]
+__all__ = ["IGNORE", "pad_batch", "lm_loss", "count_labels", "token_logp", "sequence_logp", "sequence_scores",
+           "stream_nats", "check_context", "bits_per_character"]
 
 
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -57,13 +57,18 @@ def count_labels(labels: torch.Tensor) -> int:
     return int((labels != IGNORE).sum())
 
 
-def sequence_logp(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability (B,) of the labelled tokens of each row of (B, T) inputs and labels."""
+def token_logp(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability (B, T) of each label of (B, T) inputs and labels; 0 on IGNORE."""
     logits = model(input_ids).float()  # (B, T, V)
     mask = labels != IGNORE
     # IGNORE is not an index: gather at 0 there, and the mask zeroes it.
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
-    return (logp * mask).sum(-1)
+    return logp * mask
+
+
+def sequence_logp(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability (B,) of the labelled tokens of each row of (B, T) inputs and labels."""
+    return token_logp(model, input_ids, labels).sum(-1)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from zhlm.lm import IGNORE, check_context, pad_batch, sequence_logp
+from zhlm.lm import IGNORE, check_context, pad_batch, sequence_logp, token_logp
 from zhlm.model import load_model, save_pretrained
 from zhlm.tokenizer.chat import chat_stop_ids
 from zhlm.tokenizer.conversations import Conversations, check_tokenizer, token_folder_files
@@ -22,14 +22,35 @@ from zhlm.train.sft import sft_loss
 log = logging.getLogger("zhlm.dpo")
 
 
+# A rejected answer's token repeats when it completes a run of REPEAT_NGRAM tokens seen earlier in it.
+REPEAT_NGRAM = 4
+
+
+def repeated_tokens(labels: torch.Tensor, n: int = REPEAT_NGRAM) -> torch.Tensor:
+    """(B, T) bool: the labelled tokens that complete an n-gram of labelled tokens already seen
+    earlier in their row (a loop's tokens after its first turn)."""
+    out = torch.zeros(labels.shape, dtype=torch.bool)
+    for row, row_labels in enumerate(labels.tolist()):
+        positions = [t for t, label in enumerate(row_labels) if label != IGNORE]
+        seen = set()
+        for k in range(n - 1, len(positions)):
+            gram = tuple(row_labels[positions[j]] for j in range(k - n + 1, k + 1))
+            if gram in seen:
+                out[row, positions[k]] = True
+            seen.add(gram)
+    return out
+
+
 def collate_pairs(pairs, pad_id: int) -> dict[str, torch.Tensor]:
     """pairs: (chosen (ids, labels), rejected (ids, labels), ref_chosen, ref_rejected[, anchor (ids, labels)]).
 
-    An anchor (WithAnchors) becomes row i of anchor_ids and anchor_labels, beside its pair's row."""
+    rejected_repeats marks the rejected answers' repeated tokens (repeated_tokens). An anchor
+    (WithAnchors) becomes row i of anchor_ids and anchor_labels, beside its pair's row."""
     chosen = pad_batch([p[0] for p in pairs], pad_id)
     rejected = pad_batch([p[1] for p in pairs], pad_id)
     batch = {"chosen_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
              "rejected_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
+             "rejected_repeats": repeated_tokens(rejected["labels"]),
              "ref_chosen": torch.tensor([p[2] for p in pairs], dtype=torch.float64),
              "ref_rejected": torch.tensor([p[3] for p in pairs], dtype=torch.float64)}
     if len(pairs[0]) == 5:
@@ -44,7 +65,7 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
     return -F.logsigmoid(margin), margin
 
 
-def make_dpo_loss(beta: float, sft_weight: float = 0.0, anchor_weight: float = 0.0):
+def make_dpo_loss(beta: float, sft_weight: float = 0.0, anchor_weight: float = 0.0, unlikelihood_weight: float = 0.0):
     """The DPO loss summed over the batch's pairs (the unit the pairs' batch source counts).
 
     sft_weight > 0 adds that weight times the chosen answer's mean per-token negative
@@ -52,10 +73,14 @@ def make_dpo_loss(beta: float, sft_weight: float = 0.0, anchor_weight: float = 0
     rejected one's, which a small model pays for in degenerate, looping answers.
     anchor_weight > 0 adds that weight times the mean per-token NLL of each pair's anchor, one of
     the sft stage's conversations (WithAnchors): the pairs cover some tasks, and the others drift.
+    unlikelihood_weight > 0 adds that weight times the mean unlikelihood loss −log(1 − p) of the
+    rejected answer's repeated tokens (Welleck et al. 2019, sequence-level): the loops themselves
+    made improbable, which DPO's margin, saturating once the pair is ranked, stops doing.
     """
     def loss_fn(model, batch):
-        chosen = sequence_logp(model, batch["chosen_ids"], batch["chosen_labels"])        # (B,)
-        rejected = sequence_logp(model, batch["rejected_ids"], batch["rejected_labels"])  # (B,)
+        chosen = sequence_logp(model, batch["chosen_ids"], batch["chosen_labels"])             # (B,)
+        rejected_tokens = token_logp(model, batch["rejected_ids"], batch["rejected_labels"])  # (B, T)
+        rejected = rejected_tokens.sum(-1)                                                    # (B,)
         losses, margin = dpo_losses(chosen, rejected, batch["ref_chosen"].to(chosen.dtype),
                                     batch["ref_rejected"].to(chosen.dtype), beta)
         margin = margin.detach()
@@ -64,6 +89,13 @@ def make_dpo_loss(beta: float, sft_weight: float = 0.0, anchor_weight: float = 0
             chosen_nll = -chosen / (batch["chosen_labels"] != IGNORE).sum(-1).clamp(min=1)  # (B,) per token
             losses = losses + sft_weight * chosen_nll
             metrics["chosen_nll"] = float(chosen_nll.detach().sum())
+        if unlikelihood_weight:
+            repeats = batch["rejected_repeats"]
+            # −log(1 − p) of each repeated token, p clamped below 1 so a certain loop costs a finite loss.
+            unlikely = -torch.log1p(-rejected_tokens.exp().clamp(max=1 - 1e-4)) * repeats  # (B, T)
+            unlikely = unlikely.sum(-1) / repeats.sum(-1).clamp(min=1)                    # (B,)
+            losses = losses + unlikelihood_weight * unlikely
+            metrics["repeat_unlikelihood"] = float(unlikely.detach().sum())
         if anchor_weight:
             anchor_nll, _ = sft_loss(model, {"input_ids": batch["anchor_ids"], "labels": batch["anchor_labels"]})
             metrics["anchor_nll"] = float(anchor_nll.detach())
@@ -210,8 +242,8 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
     data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
                     count=lambda b: len(b["ref_chosen"]),  # pairs
                     lengths=items.lengths() if cfg.group_by_length else None)
-    history = train(policy, data, make_dpo_loss(beta, cfg.sft_weight, cfg.anchor_weight), cfg, out_dir=out_dir,
-                    ckpt_dir=ckpt_dir, fingerprint=fingerprint,
+    loss_fn = make_dpo_loss(beta, cfg.sft_weight, cfg.anchor_weight, cfg.unlikelihood_weight)
+    history = train(policy, data, loss_fn, cfg, out_dir=out_dir, ckpt_dir=ckpt_dir, fingerprint=fingerprint,
                     evaluate=(lambda m: reward_metrics(m, eval_items, beta, pad)) if len(eval_items) else None,
                     flops_per_item=policy.flops_per_token(int(mean_len / 2)) * mean_len,
                     tokens_per_item=mean_len, progress=progress)

@@ -70,6 +70,7 @@ class TrainConfig:
     beta: float = 0.1               # dpo: strength of the KL constraint
     sft_weight: float = 0.0         # dpo: weight of the chosen answers' NLL added to the loss (RPO)
     anchor_weight: float = 0.0      # dpo: weight of the NLL of one sft conversation per pair added to it
+    unlikelihood_weight: float = 0.0  # dpo: weight of the unlikelihood of the rejected answers' repeated tokens
     optimizer: str = "adamw"        # adamw | muon (Muon for the hidden matrices, AdamW for the rest)
     muon_lr: float = 0.02           # muon: the hidden matrices' learning rate
     zero_init_out_proj: bool = False  # pretrain: o_proj and down_proj start at zero
