@@ -43,6 +43,8 @@ SFT_VARIANTS = {
     "muon_lr=0.02": {"muon_lr": 0.02},
     "muon_lr=0.02 lr=1e-3": {"muon_lr": 0.02, "lr": 1e-3},
     "steps=2000": {"steps": 2000},
+    "pretrain_mix=0.1": {"pretrain_mix": 0.1},
+    "pretrain_mix=0.15": {"pretrain_mix": 0.15},
     "steps=2000 muon_lr=0.02": {"steps": 2000, "muon_lr": 0.02},
 }
 DPO_VARIANTS = {
