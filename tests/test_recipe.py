@@ -145,7 +145,7 @@ def test_dpo_unlikelihood_weight_adds_minus_log_one_minus_p_of_the_rejected_answ
     looping = np.array([1, 2] + [6, 7, 8, 9] * 3)  # from the 4th token of the second turn on, 4-grams repeat
     rejected = (looping, np.array([IGNORE, IGNORE, *looping[2:]]))
     pairs = Pairs([chosen, chosen], [rejected, chosen], np.array([[-5.0, -4.0], [-4.0, -5.0]]))
-    batch = collate_pairs([pairs[0], pairs[1]], pad_id=0)
+    batch = collate_pairs([pairs[0], pairs[1]], pad_id=0, mark_repeats=True)
     plain, _ = make_dpo_loss(0.1)(model, batch)
     penalised, metrics = make_dpo_loss(0.1, unlikelihood_weight=2.0)(model, batch)
     padded = pad_batch([rejected], 0)

@@ -41,18 +41,20 @@ def repeated_tokens(labels: torch.Tensor, n: int = REPEAT_NGRAM) -> torch.Tensor
     return out
 
 
-def collate_pairs(pairs, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs, pad_id: int, mark_repeats: bool = False) -> dict[str, torch.Tensor]:
     """pairs: (chosen (ids, labels), rejected (ids, labels), ref_chosen, ref_rejected[, anchor (ids, labels)]).
 
-    rejected_repeats marks the rejected answers' repeated tokens (repeated_tokens). An anchor
-    (WithAnchors) becomes row i of anchor_ids and anchor_labels, beside its pair's row."""
+    With mark_repeats, rejected_repeats marks the rejected answers' repeated tokens (repeated_tokens,
+    which the unlikelihood term needs). An anchor (WithAnchors) becomes row i of anchor_ids and
+    anchor_labels, beside its pair's row."""
     chosen = pad_batch([p[0] for p in pairs], pad_id)
     rejected = pad_batch([p[1] for p in pairs], pad_id)
     batch = {"chosen_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
              "rejected_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
-             "rejected_repeats": repeated_tokens(rejected["labels"]),
              "ref_chosen": torch.tensor([p[2] for p in pairs], dtype=torch.float64),
              "ref_rejected": torch.tensor([p[3] for p in pairs], dtype=torch.float64)}
+    if mark_repeats:
+        batch["rejected_repeats"] = repeated_tokens(rejected["labels"])
     if len(pairs[0]) == 5:
         anchors = pad_batch([p[4] for p in pairs], pad_id)
         batch |= {"anchor_ids": anchors["input_ids"], "anchor_labels": anchors["labels"]}
@@ -239,7 +241,7 @@ def run(sft_dir, tokenizer_dir, tokens_dir, out_dir, ckpt_dir, *, settings: dict
         items = WithAnchors(items, anchors, cfg.seed)
         log.info("each pair anchored by one of the sft stage's %d conversations", len(anchors))
         mean_len += float(np.mean(anchors.lengths() - 1))
-    data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad),
+    data = Examples(items, cfg.global_batch, cfg.seed, lambda b: collate_pairs(b, pad, cfg.unlikelihood_weight > 0),
                     count=lambda b: len(b["ref_chosen"]),  # pairs
                     lengths=items.lengths() if cfg.group_by_length else None)
     loss_fn = make_dpo_loss(beta, cfg.sft_weight, cfg.anchor_weight, cfg.unlikelihood_weight)
